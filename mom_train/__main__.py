@@ -1,0 +1,3 @@
+from mom_train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""Save and resume the full train state, atomically, with keep-last-k and a `latest` pointer.
+
+Layout under the run dir (`cfg.run.path`):
+
+    latest                                  text: "checkpoints/step_0000100" (only ever a complete checkpoint)
+    checkpoints/step_0000100/model.pt       model state_dict (rank 0; replicas are identical under DDP)
+                            optimizer.pt    AdamW state (rank 0)
+                            train_state.pt  step, tokens, LR schedule, counters, dp_size (rank 0)
+                            rank_00000.pt   per dp rank: data loader state and RNG (python, numpy, torch, cuda)
+                            config.yaml     the resolved config
+
+A checkpoint is written into `checkpoints/.tmp_step_0000100`, every file fsynced, the directory fsynced, then
+renamed into place; only after that is `latest.tmp` written, fsynced and renamed over `latest`. A crash at
+any point leaves the previous checkpoint and pointer intact. `PreemptionHandler` turns SIGTERM/SIGINT into a
+flag that the loop checks once per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mom_train.config import Config, ConfigError, load_config, to_yaml
+from mom_train.distributed import ParallelContext
+from mom_train.model import build_model
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def rank_file(dp_rank: int) -> str:
+    return f"rank_{dp_rank:05d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------------- rng
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG state of this process: python, numpy, torch CPU and every CUDA device."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -------------------------------------------------------------------------------------------------- write
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, obj: Any) -> None:
+    """torch.save + flush + fsync."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, step: int, main_state: dict[str, Any], rank_state: dict[str, Any],
+                    cfg: Config, ctx: ParallelContext, keep: int) -> Path:
+    """Write checkpoint `step` collectively (every rank calls this) and return its directory.
+
+    main_state: {file stem: object} written by rank 0 (model, optimizer, train_state).
+    rank_state: this rank's {"data": loader state, "rng": rng_state()}, written as rank_XXXXX.pt.
+    If any rank fails, no rank commits: the error is raised everywhere and `latest` is unchanged.
+    """
+    root = run_dir / CHECKPOINT_DIR
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    ctx.barrier()
+    error: BaseException | None = None
+    try:
+        _write(tmp / rank_file(ctx.dp_rank), rank_state)
+        if ctx.is_main:
+            for stem, obj in main_state.items():
+                _write(tmp / f"{stem}.pt", obj)
+            _write_text(tmp / "config.yaml", to_yaml(cfg))
+    except Exception as e:  # noqa: BLE001 - re-raised below after every rank agreed
+        error = e
+    if ctx.max_int(int(error is not None)):
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint step {step} failed on another rank; nothing was committed")
+    if ctx.is_main:
+        _fsync_dir(tmp)
+        if final.exists():
+            # the same step saved by an earlier attempt of this run: the new one supersedes it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        pointer = run_dir / LATEST
+        _write_text(pointer.with_name(LATEST + ".tmp"), f"{CHECKPOINT_DIR}/{final.name}\n")
+        os.replace(pointer.with_name(LATEST + ".tmp"), pointer)
+        _fsync_dir(run_dir)
+        _prune(root, keep, final)
+    ctx.barrier()
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    """Delete all but the `keep` newest checkpoints (never `newest`)."""
+    ckpts = list_checkpoints(root.parent)
+    for old in ckpts[:-keep]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- read
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one, else None."""
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        target = run_dir / pointer.read_text().strip()
+        if target.is_dir():
+            return target
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint); raises with a fix otherwise."""
+    p = Path(path)
+    if (p / "train_state.pt").is_file():
+        return p
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no checkpoint at {p}: expected a checkpoints/step_XXXXXXX directory (with "
+                            "train_state.pt) or a run directory with a `latest` pointer")
+
+
+def resume_path(cfg: Config) -> Path | None:
+    """checkpoint.resume: auto (latest of this run, if any), none, or an explicit checkpoint/run path."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(cfg.run.path)
+    try:
+        return resolve_checkpoint(mode)
+    except FileNotFoundError as e:
+        raise ConfigError(f"`checkpoint.resume` = {mode!r}: {e}; or use auto / none") from None
+
+
+def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config stored in a checkpoint, with optional overrides."""
+    return load_config(path / "config.yaml", overrides, world_size=1)
+
+
+def check_compatible(path: Path, cfg: Config, ctx: ParallelContext) -> None:
+    """Refuse to resume when the model config or the data-parallel size changed; name what changed."""
+    saved = checkpoint_config(path)
+    old, new = dataclasses.asdict(saved.model), dataclasses.asdict(cfg.model)
+    changed = [f"model.{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        raise ConfigError(f"cannot resume from {path}: the model config changed ({'; '.join(changed)}). "
+                          "Restore those values, or start fresh with checkpoint.resume=none / a new run.name")
+    num_ranks = len(list(path.glob("rank_*.pt")))
+    if num_ranks != ctx.dp_size:
+        raise ConfigError(f"cannot resume from {path}: it was written by {num_ranks} data-parallel rank(s), this "
+                          f"run has dp_size={ctx.dp_size}. Resharding the data-loader and RNG state is not "
+                          f"supported; relaunch with {num_ranks} process(es) or start fresh with "
+                          "checkpoint.resume=none")
+
+
+def load_main(path: Path, stem: str, map_location: str | torch.device = "cpu") -> Any:
+    """One rank-0 file of a checkpoint (model, optimizer, train_state)."""
+    return torch.load(path / f"{stem}.pt", map_location=map_location, weights_only=False)
+
+
+def load_rank(path: Path, dp_rank: int) -> dict[str, Any]:
+    return torch.load(path / rank_file(dp_rank), map_location="cpu", weights_only=False)
+
+
+def load_model(path: Path, cfg: Config, device: torch.device) -> nn.Module:
+    """The checkpoint's model (built from cfg.model), on `device`, in eval mode."""
+    model = build_model(cfg.model)
+    model.load_state_dict(load_main(path, "model"))
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+class PreemptionHandler:
+    """Context manager: SIGTERM/SIGINT set `requested` instead of killing the process.
+
+    The loop reads the flag once per step and agrees on it across ranks. A second signal of the same kind
+    restores the default behaviour (so a stuck run can still be interrupted). Outside the main thread
+    (where Python cannot install handlers) it is inert.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == self.signum:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.requested, self.signum = True, signum
+
+    def __enter__(self) -> PreemptionHandler:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

@@ -1,0 +1,93 @@
+"""`mom-train` command line (also `python -m mom_train`).
+
+    mom-train train --config configs/quickstart.yaml [section.key=value ...] [--dry-run]
+
+Heavy modules (torch models, data, wandb) are imported inside the subcommands so `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from mom_train.config import Config, ConfigError, load_config, to_yaml
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, metavar="FILE", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. training.lr=1e-3 run.name=try2")
+
+
+def _format_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def describe_model(cfg: Config) -> str:
+    """Parameter counts and FLOPs per token, computed on the meta device (no memory, no weights)."""
+    from mom_train.model import count_parameters, flops_per_token
+
+    counts = count_parameters(cfg.model)
+    flops = flops_per_token(cfg.model, cfg.training.seq_len)
+    return "\n".join([
+        f"model: {cfg.model.arch}",
+        f"  parameters total:      {counts['total']:>15,d} ({_format_count(counts['total'])})",
+        f"  parameters embedding:  {counts['embedding']:>15,d} ({_format_count(counts['embedding'])})",
+        f"  active per token:      {counts['active_per_token']:>15,d} ({_format_count(counts['active_per_token'])})",
+        f"  training FLOPs/token:  {flops:>15.4g} (seq_len {cfg.training.seq_len})",
+    ])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print("# resolved config")
+        print(to_yaml(cfg), end="")
+        print(describe_model(cfg))
+        dp = max(1, _world_size() // (cfg.parallel.tp * cfg.parallel.cp))
+        print(f"batch: {cfg.global_batch_sequences(dp)} sequences x {cfg.training.seq_len} tokens per step, "
+              f"{cfg.grad_accum_steps(dp)} micro-batch(es) of {cfg.training.micro_batch_size} per rank, dp={dp}")
+        print(f"run dir: {cfg.run.path}")
+        return 0
+    from mom_train.train import train
+
+    train(cfg)
+    return 0
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mom-train", description="Pretrain Mixture-of-Memories language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML config (torchrun for several GPUs)")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, print it with the model size and FLOPs per token, and exit")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as e:
+        print(f"mom-train: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Held-out evaluation: loss and perplexity on text, loss and recall accuracy on MQAR.
+
+Each data-parallel rank scores `eval.num_batches` batches of its shard of the eval split (text: one pass at
+most; MQAR: a held-out stream, split "eval" with seed offset EVAL_SEED_OFFSET, never seen in training); the
+sums are all-reduced once. `run_eval` does the same for a saved checkpoint (`mom-train eval`).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from mom_train.checkpoint import checkpoint_config, load_model, resolve_checkpoint
+from mom_train.config import Config
+from mom_train.data import build_loader, recall_accuracy
+from mom_train.distributed import ParallelContext, resolve_device
+from mom_train.optim import autocast_context
+
+# added to run.seed for the held-out MQAR stream
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def build_eval_loader(cfg: Config, ctx: ParallelContext):
+    """The eval-split loader of this rank (finite for text)."""
+    if cfg.data.source == "mqar":
+        return build_loader(cfg, ctx.dp_rank, ctx.dp_size, split="eval", seed_offset=EVAL_SEED_OFFSET)
+    return build_loader(cfg, ctx.dp_rank, ctx.dp_size, split="eval", max_epochs=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config, ctx: ParallelContext) -> dict[str, float]:
+    """{"eval_loss", "eval_ppl"} for text, {"eval_loss", "eval_recall"} for MQAR, over all ranks.
+
+    model: the plain (not DDP-wrapped) CausalLM; it is left in eval mode.
+    """
+    is_mqar = cfg.data.source == "mqar"
+    model.eval()
+    loader = build_eval_loader(cfg, ctx)
+    # loss_sum, num_valid, num_correct, num_answers
+    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    try:
+        for _, batch in zip(range(cfg.eval.num_batches), loader):
+            input_ids, labels = batch.input_ids.to(ctx.device), batch.labels.to(ctx.device)
+            cu_seqlens = batch.cu_seqlens.to(ctx.device)
+            with autocast_context(cfg.training.precision, ctx.device):
+                out = model(input_ids, cu_seqlens=cu_seqlens, labels=labels)
+                logits = out.logits
+                if is_mqar and logits is None:
+                    logits = model(input_ids, cu_seqlens=cu_seqlens).logits
+            sums[0] += out.loss_sum.double()
+            sums[1] += out.num_valid.double()
+            if is_mqar:
+                correct, total = recall_accuracy(logits, labels)
+                sums[2] += correct.double()
+                sums[3] += total.double()
+    finally:
+        loader.close()
+    loss_sum, num_valid, correct, total = ctx.all_reduce_(sums).tolist()
+    loss = loss_sum / num_valid if num_valid else math.nan
+    if is_mqar:
+        return {"eval_loss": loss, "eval_recall": correct / total if total else math.nan}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+
+
+def run_eval(checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
+    """Evaluate a checkpoint (a step directory or a run directory) in this process; overrides apply to the
+    checkpoint's config (e.g. eval.num_batches=50, data.eval_path=...)."""
+    path = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(path, overrides)
+    ctx = ParallelContext(device=resolve_device(cfg))
+    model = load_model(path, cfg, ctx.device)
+    scores = evaluate(model, cfg, ctx)
+    return {"checkpoint": str(path), "step": int(path.name.split("_")[-1]), **scores}

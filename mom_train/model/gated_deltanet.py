@@ -1,0 +1,116 @@
+"""Gated DeltaNet token mixer (the paper's one-memory baseline; MoM's per-memory update is the same rule).
+
+Per head, with q, k L2-normalised inside the kernel and state S [K, V]:
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = K^-1/2 S_t^T q_t
+g = -exp(A_log) * softplus(a_proj(x) + dt_bias) (fp32), beta = sigmoid(b_proj(x)); q, k, v pass a short
+causal conv with SiLU. Output: per-head gated RMSNorm with gate g_proj(x), then o_proj. Head counts come from
+tensor shapes, so tensor-parallel (head-sharded) weights need no change here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mom_train.config import ModelConfig
+from mom_train.kernels import gated_delta_rule
+from mom_train.model.cache import RecurrentState
+from mom_train.model.conv import ShortConvolution
+from mom_train.model.linear import make_linear
+from mom_train.model.norm import GatedRMSNorm
+
+# xavier-uniform gain of the reference linear-attention layers
+LINEAR_INIT_GAIN = 2 ** -2.5
+
+
+def init_decay_params(A_log: torch.Tensor, dt_bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1,
+                      dt_floor: float = 1e-4) -> None:
+    """A_log = log(U[1, 16]); dt_bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], floored."""
+    with torch.no_grad():
+        A_log.copy_(torch.empty_like(A_log).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand_like(dt_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        # inverse softplus: dt + log(1 - exp(-dt))
+        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    # the optimizer reads this flag: no weight decay on decay parameters
+    A_log._no_weight_decay = True
+    dt_bias._no_weight_decay = True
+
+
+class GatedDeltaNet(nn.Module):
+    """x [B, T, D] (or packed [1, T, D] with cu_seqlens) -> (y [B, T, D], RecurrentState | None, {})."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.num_heads
+        self.layer_idx = layer_idx
+        self.head_k_dim = cfg.head_dim
+        self.head_v_dim = int(cfg.head_dim * cfg.expand_v)
+        self.kernel_backend = cfg.kernel_backend
+        key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
+        self.q_proj = make_linear(D, key_dim, kind="column")
+        self.k_proj = make_linear(D, key_dim, kind="column")
+        self.v_proj = make_linear(D, value_dim, kind="column")
+        self.b_proj = make_linear(D, H, kind="column")
+        self.a_proj = make_linear(D, H, kind="column")
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.use_short_conv = cfg.use_short_conv
+        if cfg.use_short_conv:
+            self.q_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu")
+            self.k_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu")
+            self.v_conv1d = ShortConvolution(value_dim, cfg.conv_size, activation="silu")
+        self.g_proj = make_linear(D, value_dim, kind="column")
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=cfg.norm_eps)
+        self.o_proj = make_linear(value_dim, D, kind="row")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj, self.g_proj, self.o_proj):
+            nn.init.xavier_uniform_(linear.weight, gain=LINEAR_INIT_GAIN)
+        init_decay_params(self.A_log, self.dt_bias)
+        if self.use_short_conv:
+            for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+                conv.reset_parameters()
+        self.o_norm.reset_parameters()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: RecurrentState | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, RecurrentState | None, dict]:
+        """x [B, T, D]; cache: this layer's state from an earlier call (states [N, H, K, V] fp32 and conv
+        states [N, C, W-1], N = B or len(cu_seqlens) - 1); the call continues from it."""
+        conv_states = cache.conv if cache is not None and self.use_short_conv else (None, None, None)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            q, conv_q = self.q_conv1d(q, cu_seqlens, conv_states[0], use_cache)
+            k, conv_k = self.k_conv1d(k, cu_seqlens, conv_states[1], use_cache)
+            v, conv_v = self.v_conv1d(v, cu_seqlens, conv_states[2], use_cache)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        # [B, T, H, K] / [B, T, H, V]; heads inferred from the projection width
+        q = q.unflatten(-1, (-1, self.head_k_dim))
+        k = k.unflatten(-1, (-1, self.head_k_dim))
+        v = v.unflatten(-1, (-1, self.head_v_dim))
+        # [B, T, H] fp32 log decay and write strength
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = self.b_proj(x).sigmoid()
+        o, state = gated_delta_rule(
+            q, k, v, g, beta,
+            initial_state=cache.recurrent if cache is not None else None,
+            output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+            backend=self.kernel_backend,
+        )
+        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
+        y = self.o_proj(o.flatten(-2))
+        new_cache = None
+        if use_cache:
+            new_cache = RecurrentState(state, (conv_q, conv_k, conv_v) if self.use_short_conv else ())
+        return y, new_cache, {}

@@ -1,0 +1,38 @@
+"""SwiGLU feed-forward block."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mom_train.model.linear import make_linear
+
+
+def mlp_intermediate_size(hidden_size: int, hidden_ratio: float, intermediate_size: int | None = None) -> int:
+    """hidden * hidden_ratio * 2/3 rounded up to a multiple of 256, unless given explicitly."""
+    if intermediate_size is not None:
+        return intermediate_size
+    # int() first, then round up: 1024 * 4 * 2/3 = 2730.67 -> 2730 -> 2816
+    size = int(hidden_size * hidden_ratio * 2 / 3)
+    return 256 * math.ceil(size / 256)
+
+
+class SwiGLU(nn.Module):
+    """y = down(silu(gate(x)) * up(x)); x [..., hidden] -> y [..., hidden]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, init_std: float = 0.02):
+        super().__init__()
+        self.init_std = init_std
+        self.gate_proj = make_linear(hidden_size, intermediate_size, kind="column")
+        self.up_proj = make_linear(hidden_size, intermediate_size, kind="column")
+        self.down_proj = make_linear(intermediate_size, hidden_size, kind="row")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for linear in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(linear.weight, 0.0, self.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,272 @@
+"""Mixture-of-Memories token mixer (MOM_SPEC.md): a router sends each token to top-k of E gated-delta-rule
+memories (plus one shared memory that sees every token); each memory runs over its own tokens only.
+
+Parameter layout. Routed memories' projections are stacked weights, so the fast path needs one GEMM for all
+of them: k_proj [E, H*dk, D], v_proj [E, H*dv, D], b_proj [E, H, D], a_proj [E, H, D] (3-D weights, decayed
+like linears; column-parallel over dim 1). Shared by all streams: q_proj, A_log [H], dt_bias [H], the short
+convs, g_proj, o_norm, o_proj. The shared memory has its own shared_k_proj/shared_v_proj/shared_b_proj/
+shared_a_proj linears. router [E, D] has no bias.
+
+Two implementations (cfg.mom_impl) compute the same function:
+- "fast": no host syncs. One GEMM gives k/v/beta/a for every (token, stream); a memory-major buffer of
+  T*k (+T) rows (routing.build_stream_plan) gathers the routed slots and shared rows; q is projected once per
+  token and gathered; one short-conv call per q/k/v and one gated-delta-rule call run over the buffer with its
+  cu_seqlens (S*N segments, S streams, N documents); outputs are gathered back per token and mixed with the
+  router weights.
+- "reference": the readable definition, a Python loop over streams and documents with boolean masks.
+
+Decode state (cache.RecurrentState): recurrent [N, S, H, dk, dv] fp32, conv (q, k, v) each [N, S, C, W-1],
+S = E (+1 shared, last). A stream that receives no token of a call keeps its state exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mom_train.config import ModelConfig
+from mom_train.kernels import gated_delta_rule
+from mom_train.model.cache import RecurrentState
+from mom_train.model.conv import ShortConvolution
+from mom_train.model.gated_deltanet import LINEAR_INIT_GAIN, init_decay_params
+from mom_train.model.linear import make_linear
+from mom_train.model.norm import GatedRMSNorm
+from mom_train.model.routing import Routing, build_stream_plan, route
+
+
+class MoMAttention(nn.Module):
+    """x [B, T, D] (or packed [1, T, D] with cu_seqlens) -> (y [B, T, D], RecurrentState | None, aux) with
+    aux = {"aux_loss": fp32 scalar, "router_load": [E] fraction of slots per memory}."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        if cfg.topk > cfg.num_memories:
+            raise ValueError(f"MoMAttention: topk={cfg.topk} exceeds num_memories={cfg.num_memories}; "
+                             "choose topk <= num_memories")
+        D, H, E = cfg.hidden_size, cfg.num_heads, cfg.num_memories
+        self.layer_idx = layer_idx
+        self.num_memories = E
+        self.topk = cfg.topk
+        self.shared_memory = cfg.shared_memory
+        self.impl = cfg.mom_impl
+        self.kernel_backend = cfg.kernel_backend
+        self.head_k_dim = cfg.head_dim
+        self.head_v_dim = int(cfg.head_dim * cfg.expand_v)
+        key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
+        self.router = make_linear(D, E, kind="replicated")
+        self.q_proj = make_linear(D, key_dim, kind="column")
+        self.k_proj = nn.Parameter(torch.empty(E, key_dim, D))
+        self.v_proj = nn.Parameter(torch.empty(E, value_dim, D))
+        self.b_proj = nn.Parameter(torch.empty(E, H, D))
+        self.a_proj = nn.Parameter(torch.empty(E, H, D))
+        if cfg.shared_memory:
+            self.shared_k_proj = make_linear(D, key_dim, kind="column")
+            self.shared_v_proj = make_linear(D, value_dim, kind="column")
+            self.shared_b_proj = make_linear(D, H, kind="column")
+            self.shared_a_proj = make_linear(D, H, kind="column")
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.use_short_conv = cfg.use_short_conv
+        if cfg.use_short_conv:
+            self.q_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu")
+            self.k_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu")
+            self.v_conv1d = ShortConvolution(value_dim, cfg.conv_size, activation="silu")
+        self.g_proj = make_linear(D, value_dim, kind="column")
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=cfg.norm_eps)
+        self.o_proj = make_linear(value_dim, D, kind="row")
+        self.reset_parameters()
+
+    @property
+    def num_streams(self) -> int:
+        return self.num_memories + int(self.shared_memory)
+
+    def reset_parameters(self) -> None:
+        linears = [self.router, self.q_proj, self.g_proj, self.o_proj]
+        if self.shared_memory:
+            linears += [self.shared_k_proj, self.shared_v_proj, self.shared_b_proj, self.shared_a_proj]
+        for linear in linears:
+            nn.init.xavier_uniform_(linear.weight, gain=LINEAR_INIT_GAIN)
+        with torch.no_grad():
+            for stacked in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
+                for weight in stacked:
+                    nn.init.xavier_uniform_(weight, gain=LINEAR_INIT_GAIN)
+        init_decay_params(self.A_log, self.dt_bias)
+        if self.use_short_conv:
+            for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+                conv.reset_parameters()
+        self.o_norm.reset_parameters()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: RecurrentState | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, RecurrentState | None, dict]:
+        """x [B, T, D]; cu_seqlens int32 [N+1] for packed input (B == 1); cache: this layer's state from an
+        earlier call (N = B, or len(cu_seqlens) - 1 sequences); use_cache: return the updated state."""
+        B, T, D = x.shape
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f"MoMAttention: with cu_seqlens the input must be packed as [1, T, D], got B={B}")
+        if cu_seqlens is None:
+            # a padded batch is B documents of length T laid end to end
+            cu_seqlens = torch.arange(B + 1, device=x.device, dtype=torch.int32) * T
+        x = x.reshape(B * T, D)
+        if cache is not None:
+            self._check_cache(cache, cu_seqlens.numel() - 1)
+        routing = route(self.router(x), self.topk)
+        mix = self._mix_fast if self.impl == "fast" else self._mix_reference
+        o, new_cache = mix(x, routing, cu_seqlens, cache, use_cache)  # [L, H, dv]
+        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
+        y = self.o_proj(o.flatten(-2)).view(B, T, -1)
+        return y, new_cache, {"aux_loss": routing.aux_loss, "router_load": routing.load}
+
+    def _stream_weights(self, stream: int) -> tuple[torch.Tensor, ...]:
+        """(W_k, W_v, W_b, W_a) of one stream; stream E is the shared memory."""
+        if stream < self.num_memories:
+            return self.k_proj[stream], self.v_proj[stream], self.b_proj[stream], self.a_proj[stream]
+        return (self.shared_k_proj.weight, self.shared_v_proj.weight, self.shared_b_proj.weight,
+                self.shared_a_proj.weight)
+
+    def _decay_and_beta(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log decay g (fp32) and write strength beta from the raw a/b projections [..., H]."""
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        return g, b.sigmoid()
+
+    def _short_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                    states: tuple[torch.Tensor | None, ...], use_cache: bool) -> tuple[tuple, tuple]:
+        """Short conv (or SiLU without it) of q, k, v [1, R, C] per segment -> ((q, k, v), conv states)."""
+        if not self.use_short_conv:
+            return (F.silu(q), F.silu(k), F.silu(v)), ()
+        q, state_q = self.q_conv1d(q, cu_seqlens, states[0], use_cache)
+        k, state_k = self.k_conv1d(k, cu_seqlens, states[1], use_cache)
+        v, state_v = self.v_conv1d(v, cu_seqlens, states[2], use_cache)
+        return (q, k, v), (state_q, state_k, state_v)
+
+    def _mix_fast(self, x: torch.Tensor, routing: Routing, cu_seqlens: torch.Tensor,
+                  cache: RecurrentState | None, use_cache: bool) -> tuple[torch.Tensor, RecurrentState | None]:
+        """Memory outputs mixed per token, o [L, H, dv], from x [L, D], sync-free (see module docstring)."""
+        L = x.shape[0]
+        num_docs = cu_seqlens.numel() - 1
+        S = self.num_streams
+        plan = build_stream_plan(routing.topk_idx, cu_seqlens, self.num_memories, self.shared_memory)
+        # k/v/b/a of every (token, stream) in one GEMM, then the buffer's rows: [R, F]
+        weight = torch.cat([self.k_proj, self.v_proj, self.b_proj, self.a_proj], 1)  # [E, F, D]
+        if self.shared_memory:
+            shared = torch.cat([w for w in self._stream_weights(self.num_memories)], 0)  # [F, D]
+            weight = torch.cat([weight, shared[None]], 0)
+        rows = F.linear(x, weight.flatten(0, 1)).view(L * S, -1).index_select(0, plan.src)
+        k, v, b, a = rows.split([self.k_proj.shape[1], self.v_proj.shape[1], self.b_proj.shape[1],
+                                 self.a_proj.shape[1]], -1)
+        # q once per token, then one copy per buffer row
+        q = self.q_proj(x).index_select(0, torch.div(plan.src, S, rounding_mode="floor"))
+
+        # states: cache [N, S, ...] <-> buffer segment order [S * N, ...] (stream-major)
+        def to_buffer(state: torch.Tensor) -> torch.Tensor:
+            return state.transpose(0, 1).flatten(0, 1)
+
+        def from_buffer(state: torch.Tensor) -> torch.Tensor:
+            return state.unflatten(0, (S, num_docs)).transpose(0, 1).contiguous()
+
+        conv_states = tuple(map(to_buffer, cache.conv)) if cache is not None and self.use_short_conv else (None,) * 3
+        (q, k, v), new_conv = self._short_conv(q[None], k[None], v[None], plan.cu_seqlens, conv_states, use_cache)
+        g, beta = self._decay_and_beta(a, b)
+        o, state = gated_delta_rule(
+            q.unflatten(-1, (-1, self.head_k_dim)),
+            k.unflatten(-1, (-1, self.head_k_dim)),
+            v.unflatten(-1, (-1, self.head_v_dim)),
+            g[None], beta[None],
+            initial_state=to_buffer(cache.recurrent) if cache is not None else None,
+            output_final_state=use_cache,
+            cu_seqlens=plan.cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+            backend=self.kernel_backend,
+        )
+        o = o[0]  # [R, H, dv]
+        # unpermute: weighted sum of each token's k routed rows, plus its shared row (the last L rows)
+        mixed = (o[plan.dest] * routing.topk_weight[:, :, None, None]).sum(1)  # [L, H, dv]
+        if self.shared_memory:
+            mixed = mixed + o[L * self.topk:]
+        new_cache = None
+        if use_cache:
+            new_cache = RecurrentState(from_buffer(state), tuple(map(from_buffer, new_conv)))
+        return mixed.to(o.dtype), new_cache
+
+    def _mix_reference(self, x: torch.Tensor, routing: Routing, cu_seqlens: torch.Tensor,
+                       cache: RecurrentState | None, use_cache: bool) -> tuple[torch.Tensor, RecurrentState | None]:
+        """Same as `_mix_fast`, written as a loop over streams and documents with boolean masks."""
+        L = x.shape[0]
+        H = self.A_log.shape[0]
+        bounds = cu_seqlens.tolist()
+        q_all = self.q_proj(x)
+        mixed = x.new_zeros(L, H, self.head_v_dim, dtype=torch.float32)
+        states, conv_states = [], []
+        for n in range(len(bounds) - 1):
+            start, end = bounds[n], bounds[n + 1]
+            doc_states, doc_conv = [], []
+            for stream in range(self.num_streams):
+                if stream < self.num_memories:
+                    chosen = routing.topk_idx[start:end] == stream  # [len, k]
+                    mask = chosen.any(-1)
+                    weight = (routing.topk_weight[start:end] * chosen).sum(-1)[mask]
+                else:
+                    mask = torch.ones(end - start, dtype=torch.bool, device=x.device)
+                    weight = torch.ones(end - start, device=x.device)
+                pos = start + mask.nonzero()[:, 0]
+                state = cache.recurrent[n, stream][None] if cache is not None else None
+                conv = tuple(c[n, stream][None] for c in cache.conv) if cache is not None else (None,) * 3
+                if pos.numel() == 0:
+                    # a stream without tokens keeps its state
+                    doc_states.append(state)
+                    doc_conv.append(conv)
+                    continue
+                W_k, W_v, W_b, W_a = self._stream_weights(stream)
+                xs = x[pos]
+                (q, k, v), conv = self._short_conv(q_all[pos][None], F.linear(xs, W_k)[None],
+                                                   F.linear(xs, W_v)[None], None, conv, use_cache)
+                g, beta = self._decay_and_beta(F.linear(xs, W_a), F.linear(xs, W_b))
+                o, state = gated_delta_rule(
+                    q.unflatten(-1, (-1, self.head_k_dim)),
+                    k.unflatten(-1, (-1, self.head_k_dim)),
+                    v.unflatten(-1, (-1, self.head_v_dim)),
+                    g[None], beta[None],
+                    initial_state=state,
+                    output_final_state=use_cache,
+                    use_qk_l2norm_in_kernel=True,
+                    backend=self.kernel_backend,
+                )
+                mixed = mixed.index_add(0, pos, o[0].float() * weight[:, None, None])
+                doc_states.append(state)
+                doc_conv.append(conv)
+            states.append(doc_states)
+            conv_states.append(doc_conv)
+        new_cache = None
+        if use_cache:
+            new_cache = self._stack_reference_states(states, conv_states, x, len(bounds) - 1)
+        return mixed.to(x.dtype), new_cache
+
+    def _stack_reference_states(self, states: list, conv_states: list, x: torch.Tensor,
+                                num_docs: int) -> RecurrentState:
+        """Per (document, stream) states (None = never initialised, i.e. zeros) -> RecurrentState."""
+        H, K, V = self.A_log.shape[0], self.head_k_dim, self.head_v_dim
+        zero_state = x.new_zeros(1, H, K, V, dtype=torch.float32)
+        recurrent = torch.stack([torch.cat([s if s is not None else zero_state for s in doc], 0)
+                                 for doc in states])  # [N, S, H, K, V]
+        if not self.use_short_conv:
+            return RecurrentState(recurrent, ())
+        convs = []
+        for i, module in enumerate((self.q_conv1d, self.k_conv1d, self.v_conv1d)):
+            zero = x.new_zeros(1, module.channels, module.kernel_size - 1)
+            convs.append(torch.stack([torch.cat([c[i] if c[i] is not None else zero for c in doc], 0)
+                                      for doc in conv_states]))  # [N, S, C, W-1]
+        return RecurrentState(recurrent, tuple(convs))
+
+    def _check_cache(self, cache: RecurrentState, num_seqs: int) -> None:
+        H, S = self.A_log.shape[0], self.num_streams
+        expected = (num_seqs, S, H, self.head_k_dim, self.head_v_dim)
+        if tuple(cache.recurrent.shape) != expected:
+            raise ValueError(f"MoMAttention: cache.recurrent has shape {tuple(cache.recurrent.shape)}, expected "
+                             f"[N, S, H, K, V] = {expected} (S = memories + shared); pass the state this layer "
+                             "returned for the same sequences")
+        if self.use_short_conv and len(cache.conv) != 3:
+            raise ValueError(f"MoMAttention: cache.conv holds {len(cache.conv)} states, expected 3 (q, k, v)")

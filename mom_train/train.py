@@ -1,0 +1,204 @@
+"""The training loop: `train(cfg)` builds everything, resumes if asked, and runs `while step < steps:`.
+
+One optimizer step on each data-parallel rank:
+    fetch grad_accum micro-batches (CPU) -> count their valid targets on the host -> sum the count over ranks
+    (gloo, no GPU sync) -> per micro-batch: forward, backward of
+        loss_sum / global_valid * dp_size + aux_loss_coef * aux_loss / grad_accum
+    (DDP averages gradients over ranks, so the CE gradient is that of the global token mean; the gradient
+    all-reduce runs on the last micro-batch only) -> clip -> AdamW (skipped on the device when the loss or the
+    gradient is not finite) -> metrics on the device.
+Host syncs: one per logging interval (metrics), plus one per step with training.nan_policy=stop (to stop at
+the first bad step). SIGTERM/SIGINT finish the current step, save a checkpoint and return normally.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mom_train.checkpoint import (PreemptionHandler, check_compatible, load_main, load_rank, resume_path,
+                                  rng_state, save_checkpoint, set_rng_state)
+from mom_train.config import Config
+from mom_train.data import Batch, build_loader
+from mom_train.distributed import ParallelContext, init_distributed, teardown
+from mom_train.eval import evaluate
+from mom_train.metrics import MetricsLogger, Window, peak_flops
+from mom_train.model import build_model, flops_per_token
+from mom_train.optim import Engine
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteError(RuntimeError):
+    """Raised with training.nan_policy=stop after the last good state was saved."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def count_valid_targets(batch: Batch) -> int:
+    """Targets the model will score in this micro-batch (host-side, CPU tensors): position t predicts
+    labels[t+1] unless it is -100, t+1 starts a segment of cu_seqlens, or t is the last position."""
+    valid = batch.labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+    T = batch.labels.shape[1]
+    starts = batch.cu_seqlens.long()
+    starts = starts[(starts > 0) & (starts < T)]
+    valid[:, starts - 1] = False
+    return int(valid.sum())
+
+
+def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, cu_seqlens) on `device`, copied asynchronously from pinned memory on CUDA."""
+    tensors = (batch.input_ids, batch.labels, batch.cu_seqlens)
+    if device.type != "cuda":
+        return tensors
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train (or resume) the run described by `cfg`; return the last logged and evaluated metrics.
+
+    Returns normally after the last step and after a preemption signal (checkpoint saved; result has
+    "preempted": True). Raises NonFiniteError with training.nan_policy=stop.
+    """
+    ctx = init_distributed(cfg)
+    try:
+        with PreemptionHandler() as preempt:
+            return _train(cfg, ctx, preempt)
+    finally:
+        teardown(ctx)
+
+
+def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dict[str, Any]:
+    t, run_dir = cfg.training, cfg.run.path
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.dump(run_dir / "config.yaml")
+
+    # model: identical init on every rank, then a per-rank RNG stream
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model).to(ctx.device)
+    seed_everything(cfg.run.seed + ctx.rank)
+    engine = Engine(model, cfg, ctx)
+    loader = build_loader(cfg, ctx.dp_rank, ctx.dp_size, split="train")
+    grad_accum = cfg.grad_accum_steps(ctx.dp_size)
+    tokens_per_step = grad_accum * ctx.dp_size * t.micro_batch_size * t.seq_len
+
+    step, tokens, num_skipped = 0, 0, 0
+    resume = resume_path(cfg)
+    if resume is not None:
+        check_compatible(resume, cfg, ctx)
+        state = load_main(resume, "train_state")
+        engine.load_state_dict({"model": load_main(resume, "model", ctx.device),
+                                "optimizer": load_main(resume, "optimizer", ctx.device),
+                                "schedule": state["schedule"]})
+        own = load_rank(resume, ctx.dp_rank)
+        loader.load_state_dict(own["data"])
+        set_rng_state(own["rng"])
+        step, tokens, num_skipped = state["step"], state["tokens"], state["skipped_steps"]
+
+    logger = MetricsLogger(cfg, ctx, step)
+    if resume is not None:
+        logger.message(f"resumed from {resume} at step {step}")
+
+    def save(at_step: int, data_state: dict, rng: dict) -> None:
+        engine_state = engine.state_dict()
+        main = {"model": engine_state["model"], "optimizer": engine_state["optimizer"],
+                "train_state": {"step": at_step, "tokens": tokens, "skipped_steps": num_skipped,
+                                "schedule": engine_state["schedule"], "dp_size": ctx.dp_size}}
+        path = save_checkpoint(run_dir, at_step, main, {"data": data_state, "rng": rng}, cfg, ctx,
+                               cfg.checkpoint.keep)
+        logger.message(f"saved checkpoint {path}")
+
+    window = Window(ctx.device)
+    flops = flops_per_token(cfg.model, t.seq_len)
+    peak = peak_flops(ctx.device)
+    coef = cfg.model.aux_loss_coef
+    result: dict[str, Any] = {"preempted": False}
+    # throughput window: wall time since the last log minus time spent evaluating and checkpointing
+    last_log, last_log_tokens, paused = time.perf_counter(), tokens, 0.0
+    stats: dict = {}
+
+    model.train()
+    while step < t.steps:
+        # the state before this step, kept to save "the last good state" if this step turns out non-finite
+        before = (loader.state_dict(), rng_state()) if t.nan_policy == "stop" else None
+        batches = [next(loader) for _ in range(grad_accum)]
+        stats = batches[-1].stats
+        global_valid = ctx.sum_int(sum(count_valid_targets(b) for b in batches))
+        lr = engine.set_lr(step)
+        # the global count is a host number: scaling by it launches no transfer
+        ce_scale = ctx.dp_size / max(global_valid, 1)
+        step_loss = torch.zeros((), device=ctx.device)
+        step_aux = torch.zeros((), device=ctx.device)
+        step_load = None
+        for i, batch in enumerate(batches):
+            input_ids, labels, cu_seqlens = to_device(batch, ctx.device)
+            with engine.no_sync(sync=i == grad_accum - 1):
+                with engine.autocast():
+                    out = engine.model(input_ids, cu_seqlens=cu_seqlens, labels=labels)
+                engine.backward(out.loss_sum * ce_scale + coef * out.aux_loss / grad_accum)
+            step_loss += out.loss_sum.detach().float()
+            step_aux += out.aux_loss.detach().float() / grad_accum
+            if out.router_load is not None:
+                load = out.router_load.detach().float() / grad_accum
+                step_load = load if step_load is None else step_load + load
+        grad_norm, nonfinite = engine.step(step_loss)
+        window.add(step_loss, global_valid, step_aux, step_load, grad_norm, nonfinite)
+        step += 1
+        tokens += tokens_per_step
+        logger.advance(step)
+
+        if t.nan_policy == "stop" and nonfinite.item():
+            # parameters and optimizer moments were left untouched: they are the state after step - 1
+            save(step - 1, *before)
+            logger.close()
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {step} (training.nan_policy=stop); "
+                                 f"saved the last good state as checkpoint step {step - 1} in {run_dir}. "
+                                 "Lower training.lr or raise warmup, check the data, or resume with "
+                                 "training.nan_policy=skip to skip such steps")
+        stopping = bool(ctx.max_int(int(preempt.requested)))
+
+        if step % cfg.logging.interval == 0 or step == t.steps or stopping:
+            record = window.reduce(ctx)
+            now = time.perf_counter()
+            num_skipped += record["skipped_steps"]
+            tokens_per_s = (tokens - last_log_tokens) / max(now - last_log - paused, 1e-9)
+            record.update(step=step, lr=lr, tokens=tokens, tokens_per_s=tokens_per_s,
+                          skipped_steps_total=num_skipped, data=stats)
+            if peak is not None:
+                record["mfu"] = flops * tokens_per_s / (peak * ctx.world_size)
+            if ctx.device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30
+            logger.log(record)
+            result.update(record)
+            last_log, last_log_tokens, paused = now, tokens, 0.0
+
+        pause_start = time.perf_counter()
+        do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == t.steps)
+        if do_eval and not stopping:
+            scores = evaluate(model, cfg, ctx)
+            model.train()
+            logger.log({"step": step, **scores})
+            logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+            result.update(scores)
+
+        interval = cfg.checkpoint.interval
+        if (interval > 0 and step % interval == 0) or step == t.steps or stopping:
+            save(step, loader.state_dict(), rng_state())
+        paused += time.perf_counter() - pause_start
+        if stopping:
+            logger.message(f"preempted (signal {preempt.signum}): saved step {step}, exiting")
+            result["preempted"] = True
+            break
+
+    logger.close()
+    loader.close()
+    result["step"] = step
+    return result

@@ -1,0 +1,157 @@
+"""Time our Triton chunk_gated_delta_rule against flash-linear-attention's, side by side, on one GPU.
+
+Usage (GPU machine, fla importable, its Hopper guard lifted for timing as shared/bench/peer_fla.py shows):
+    python3 scripts/bench_kernels.py
+Median of CUDA-event timings (triton.testing.do_bench) after warmup, bf16 inputs as in peer_fla.py. Prints a
+table with our/fla ratios and a per-kernel breakdown of ours, and writes JSON to $OUT/bench_kernels.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from mom_train.kernels.gated_delta_rule import chunk as ours_mod
+from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dqkw_bwd, dv_local_bwd, wy_bwd
+from mom_train.kernels.gated_delta_rule.chunk_fwd import h_fwd, kkt_solve_fwd, o_fwd, wu_fwd
+
+DEV = "cuda"
+
+
+def long_varlen_bounds(total: int, seed: int) -> list[int]:
+    """Packed documents of random lengths (64..8191) with one empty document, summing to total."""
+    gen = torch.Generator().manual_seed(seed)
+    bounds = [0, 0]
+    while bounds[-1] < total:
+        n = int(torch.randint(64, 8192, (1,), generator=gen))
+        bounds.append(min(total, bounds[-1] + n))
+    return bounds
+
+
+SHAPES = [
+    dict(name="B8_T2048_H4_K256", B=8, T=2048, H=4, K=256, V=256, cu=None),
+    dict(name="B8_T2048_H16_K128", B=8, T=2048, H=16, K=128, V=128, cu=None),
+    dict(name="varlen6_T16384_H4_K256", B=1, T=16384, H=4, K=256, V=256, cu=[0, 1000, 3000, 3100, 8192, 12000, 16384]),
+    dict(name="varlen_T65536_H4_K256", B=1, T=65536, H=4, K=256, V=256, cu=long_varlen_bounds(65536, 0)),
+]
+
+
+def make_inputs(s: dict) -> dict:
+    torch.manual_seed(0)
+    B, T, H, K, V = s["B"], s["T"], s["H"], s["K"], s["V"]
+    x = dict(
+        q=torch.randn(B, T, H, K, device=DEV, dtype=torch.bfloat16),
+        k=F.normalize(torch.randn(B, T, H, K, device=DEV), dim=-1).to(torch.bfloat16),
+        v=torch.randn(B, T, H, V, device=DEV, dtype=torch.bfloat16),
+        g=F.logsigmoid(torch.randn(B, T, H, device=DEV)),
+        beta=torch.rand(B, T, H, device=DEV).sigmoid().to(torch.bfloat16),
+    )
+    for t in x.values():
+        t.requires_grad_()
+    x["cu"] = None if s["cu"] is None else torch.tensor(s["cu"], device=DEV, dtype=torch.int32)
+    x["do"] = torch.randn(B, T, H, V, device=DEV, dtype=torch.bfloat16)
+    return x
+
+
+def time_impl(fn, x: dict) -> tuple[float, float]:
+    leaves = [x[n] for n in ("q", "k", "v", "g", "beta")]
+
+    def fwd():
+        return fn(*leaves, cu_seqlens=x["cu"])[0]
+
+    def fwd_bwd():
+        fwd().backward(x["do"])
+
+    with torch.no_grad():
+        f_ms = do_bench(fwd, warmup=50, rep=200, return_mode="median")
+    fb_ms = do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=leaves, return_mode="median")
+    return f_ms, fb_ms
+
+
+def grads_of(fn, x: dict) -> list[torch.Tensor]:
+    leaves = [x[n] for n in ("q", "k", "v", "g", "beta")]
+    for t in leaves:
+        t.grad = None
+    o = fn(*leaves, cu_seqlens=x["cu"])[0]
+    o.backward(x["do"])
+    out = [o.detach().float()] + [t.grad.float() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+def breakdown(x: dict) -> dict:
+    """Median time of each of our kernels (wrappers) on these inputs."""
+    B, T, H, K = x["q"].shape
+    V = x["v"].shape[-1]
+    TT = B * T
+    q, k, v = (x[n].detach().reshape(TT, H, -1) for n in ("q", "k", "v"))
+    g, beta = x["g"].detach().reshape(TT, H), x["beta"].detach().reshape(TT, H)
+    do = x["do"].reshape(TT, H, V)
+    if x["cu"] is None:
+        cu = torch.arange(0, B + 1, device=DEV, dtype=torch.int32) * T
+        slots = B * triton.cdiv(T, 64)
+    else:
+        cu = x["cu"]
+        slots = triton.cdiv(T, 64) + cu.shape[0] - 1
+    coff, table = ours_mod._chunk_tables(cu, slots)
+    scale = K ** -0.5
+    gamma, Ai = kkt_solve_fwd(k, g, beta, cu, table)
+    w, u = wu_fwd(k, v, beta, gamma, Ai, cu, table)
+    h, vnew, _ = h_fwd(k, w, u, gamma, cu, coff, slots, None, False)
+    dvl = dv_local_bwd(q, k, do, gamma, cu, table, scale)
+    dh, dv2, _ = dh_bwd(q, k, w, do, dvl, gamma, cu, coff, slots, scale, None, False)
+    dq, dka, dw, dgp = dqkw_bwd(q, k, vnew, h, dh, do, dv2, gamma, cu, table, scale)
+    stages = {
+        "tables": lambda: ours_mod._chunk_tables(cu, slots),
+        "kkt_solve": lambda: kkt_solve_fwd(k, g, beta, cu, table),
+        "wu": lambda: wu_fwd(k, v, beta, gamma, Ai, cu, table),
+        "h_fwd": lambda: h_fwd(k, w, u, gamma, cu, coff, slots, None, False),
+        "o_fwd": lambda: o_fwd(q, k, vnew, h, gamma, cu, table, scale, v.dtype),
+        "dv_local": lambda: dv_local_bwd(q, k, do, gamma, cu, table, scale),
+        "dh_bwd": lambda: dh_bwd(q, k, w, do, dvl, gamma, cu, coff, slots, scale, None, False),
+        "dqkw": lambda: dqkw_bwd(q, k, vnew, h, dh, do, dv2, gamma, cu, table, scale),
+        "wy_bwd": lambda: wy_bwd(k, v, beta, gamma, Ai, dw, dv2, dka, dgp, cu, table),
+    }
+    return {name: do_bench(fn, warmup=25, rep=100, return_mode="median") for name, fn in stages.items()}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def main() -> None:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdr
+    ours = ours_mod.chunk_gated_delta_rule
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "shapes": []}
+    for s in SHAPES:
+        x = make_inputs(s)
+        agree = [rel(a, b) for a, b in zip(grads_of(ours, x), grads_of(fla_gdr, x))]
+        of, ofb = time_impl(ours, x)
+        ff, ffb = time_impl(fla_gdr, x)
+        r = dict(name=s["name"], ours_fwd_ms=of, ours_fwdbwd_ms=ofb, fla_fwd_ms=ff, fla_fwdbwd_ms=ffb,
+                 ratio_fwd=of / ff, ratio_fwdbwd=ofb / ffb,
+                 rel_diff_vs_fla=dict(zip(["o", "dq", "dk", "dv", "dg", "dbeta"], agree)))
+        if s is SHAPES[0] or s is SHAPES[1]:
+            r["breakdown_ms"] = breakdown(x)
+        res["shapes"].append(r)
+        print(json.dumps(r), flush=True)
+        json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "bench_kernels.json"), "w"), indent=1)
+    print(f"\n{res['device']}, torch {res['torch']}, triton {res['triton']}; bf16, median ms (do_bench)")
+    print(f"| shape | ours fwd | fla fwd | ratio | ours fwd+bwd | fla fwd+bwd | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res["shapes"]:
+        print(f"| {r['name']} | {r['ours_fwd_ms']:.3f} | {r['fla_fwd_ms']:.3f} | {r['ratio_fwd']:.2f} | "
+              f"{r['ours_fwdbwd_ms']:.3f} | {r['fla_fwdbwd_ms']:.3f} | {r['ratio_fwdbwd']:.2f} |")
+    for r in res["shapes"]:
+        if "breakdown_ms" in r:
+            print(r["name"], " ".join(f"{k}={v:.3f}" for k, v in r["breakdown_ms"].items()))
+
+
+if __name__ == "__main__":
+    main()

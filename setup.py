@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mom_train",
+    version="0.1.0",
+    description="Pretraining Mixture-of-Memories (MoM) linear-attention language models",
+    packages=find_packages(include=["mom_train", "mom_train.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "mistral-common",
+        "zstandard",
+        "tqdm",
+        "datasets",
+        "wandb",
+    ],
+    extras_require={
+        # triton ships with CUDA builds of torch; CPU installs add it for the interpreter tests
+        "triton": ["triton"],
+        "parquet": ["pyarrow"],
+        "parallel": ["megatron-core", "deepspeed"],
+        "plot": ["matplotlib"],
+        "full": ["triton", "pyarrow", "megatron-core", "deepspeed", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},
+)

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs 2+ CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and num_gpus < 1:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and num_gpus < 2:
+            item.add_marker(skip_multi)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_configure(config):
+    # keep the cpu tests from oversubscribing small machines
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

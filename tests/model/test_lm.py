@@ -1,0 +1,221 @@
+"""CausalLM tests over every arch: packed documents stay apart, caches continue exactly, loss masking, generate."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mom_train.config import ModelConfig
+from mom_train.model import CausalLM, ModelOutput, build_model
+from mom_train.model.lm import shift_labels
+
+ARCHS = ["gated_deltanet", "transformer", "mom"]
+RECURRENT = [a for a in ARCHS if a != "transformer"]
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these tiny models run thousands of small ops; extra threads only add contention on a shared machine
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def tiny_config(arch: str) -> ModelConfig:
+    # a larger init_std than in training so every token visibly moves the outputs
+    cfg = ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, head_dim=16, vocab_size=VOCAB,
+                      hidden_ratio=2, init_std=0.2, kernel_backend="torch")
+    if arch == "gated_deltanet":
+        cfg.expand_v = 2
+    return cfg
+
+
+def tiny_model(arch: str) -> CausalLM:
+    return build_model(tiny_config(arch)).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def packed(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return torch.randint(0, VOCAB, (1, sum(lengths))), cu
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_documents_equal_separate_runs(arch: str):
+    model = tiny_model(arch)
+    lengths = [5, 0, 1, 9, 7]
+    ids, cu = packed(lengths)
+    logits = model(ids, cu_seqlens=cu).logits
+    for n in range(len(lengths)):
+        a, b = cu[n].item(), cu[n + 1].item()
+        if b > a:
+            alone = model(ids[:, a:b]).logits
+            assert rel_err(logits[:, a:b], alone) < 1e-5, f"document {n}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_changing_a_token_touches_only_its_document_from_there_on(arch: str):
+    model = tiny_model(arch)
+    ids, cu = packed([6, 8, 5])
+    changed = ids.clone()
+    pos = 9  # inside the second document [6, 14)
+    changed[0, pos] = (ids[0, pos] + 1) % VOCAB
+    before = model(ids, cu_seqlens=cu).logits[0]
+    after = model(changed, cu_seqlens=cu).logits[0]
+    diff = (after - before).abs().amax(-1)  # [T]
+    scale = before.abs().max()
+    untouched = torch.ones(ids.shape[1], dtype=torch.bool)
+    untouched[pos:14] = False
+    assert diff[untouched].max() < 1e-6 * scale
+    assert diff[pos] > 1e-2 * scale
+    assert diff[pos + 1:14].min() > 1e-6 * scale
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_forward_equals_prefill_and_decode(arch: str):
+    model = tiny_model(arch)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    full = model(ids).logits
+
+    out = model(ids[:, :5], use_cache=True)
+    steps = [out.logits]
+    for t in range(5, 12):
+        out = model(ids[:, t:t + 1], cache=out.cache, use_cache=True)
+        steps.append(out.logits)
+    assert rel_err(torch.cat(steps, 1), full) < 1e-5
+
+    first = model(ids[:, :7], use_cache=True)
+    second = model(ids[:, 7:], cache=first.cache, use_cache=True)
+    assert rel_err(torch.cat((first.logits, second.logits), 1), full) < 1e-5
+
+
+@pytest.mark.parametrize("arch", RECURRENT)
+def test_packed_prefill_cache_continues_each_document(arch: str):
+    model = tiny_model(arch)
+    lengths = [4, 0, 6, 3]
+    ids, cu = packed(lengths)
+    out = model(ids, cu_seqlens=cu, use_cache=True)
+    # one more token per document, decoded as a batch of N rows from the packed cache
+    nxt = torch.randint(0, VOCAB, (len(lengths), 1))
+    step = model(nxt, cache=out.cache, use_cache=True).logits[:, -1]
+    for n in range(len(lengths)):
+        a, b = cu[n].item(), cu[n + 1].item()
+        alone = model(torch.cat((ids[:, a:b], nxt[n:n + 1]), 1)).logits[:, -1]
+        assert rel_err(step[n:n + 1], alone) < 1e-5, f"document {n}"
+
+
+def test_shift_labels_drops_boundaries_and_ignored():
+    labels = torch.tensor([[10, 11, 12, -100, 14, 15, 16]])
+    cu = torch.tensor([0, 3, 3, 5, 7], dtype=torch.int32)
+    # t=2 and t=4 precede a document start; the -100 at index 3 hides the target of t=2 anyway
+    expected = torch.tensor([[11, 12, -100, 14, -100, 16, -100]])
+    assert torch.equal(shift_labels(labels, cu), expected)
+    assert torch.equal(shift_labels(labels), torch.tensor([[11, 12, -100, 14, 15, 16, -100]]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_counts_only_targets_inside_documents(arch: str):
+    model = tiny_model(arch)
+    lengths = [5, 0, 1, 8, 6]
+    ids, cu = packed(lengths)
+    labels = ids.clone()
+    labels[0, [2, 12]] = -100
+    out = model(ids, cu_seqlens=cu, labels=labels)
+    assert isinstance(out, ModelOutput)
+
+    loss_sum, count = torch.zeros(()), 0
+    for n in range(len(lengths)):
+        a, b = cu[n].item(), cu[n + 1].item()
+        if b == a:
+            continue
+        logits = model(ids[:, a:b]).logits[0]
+        for t in range(a, b - 1):
+            if labels[0, t + 1] != -100:
+                loss_sum = loss_sum + F.cross_entropy(logits[t - a], labels[0, t + 1])
+                count += 1
+    assert out.num_valid.dtype == torch.long and out.num_valid.item() == count
+    assert out.loss_sum.dtype == torch.float32
+    assert rel_err(out.loss_sum, loss_sum) < 1e-5
+    expected = loss_sum / count + model.config.aux_loss_coef * out.aux_loss
+    assert rel_err(out.loss, expected) < 1e-5
+    if arch == "mom":
+        assert out.router_load.shape == (2, model.config.num_memories)
+        assert out.aux_loss.item() > 0
+    else:
+        assert out.router_load is None and out.aux_loss.item() == 0
+
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_greedy_equals_repeated_full_forward(arch: str):
+    model = tiny_model(arch)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    got = model.generate(ids, max_new_tokens=6, temperature=0)
+    expected = ids
+    for _ in range(6):
+        nxt = model(expected).logits[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat((expected, nxt), 1)
+    assert torch.equal(got, expected)
+    # top-k 1 and a tiny nucleus are greedy too
+    assert torch.equal(model.generate(ids, 6, temperature=1.0, top_k=1), expected)
+    assert torch.equal(model.generate(ids, 6, temperature=1.0, top_p=1e-6), expected)
+
+
+def test_generate_sampling_and_eos():
+    model = tiny_model("gated_deltanet")
+    ids = torch.randint(0, VOCAB, (2, 4))
+    a = model.generate(ids, 8, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    b = model.generate(ids, 8, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (2, 12) and torch.equal(a[:, :4], ids)
+    greedy = model.generate(ids, 8, temperature=0)
+    # row 0 stops at once: its first new token is the eos id
+    eos = greedy[0, 4].item()
+    got = model.generate(ids, 8, temperature=0, eos_token_id=eos)
+    assert torch.equal(got[0, 4:], torch.full((8,), eos))
+    hit = (greedy[1, 4:] == eos).nonzero()
+    stop = hit[0, 0].item() + 1 if len(hit) else 8
+    assert torch.equal(got[1, 4:4 + stop], greedy[1, 4:4 + stop])
+    assert bool((got[1, 4 + stop:] == eos).all())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_meta_build_then_init_weights(arch: str):
+    cfg = tiny_config(arch)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert abs(model.embed.weight.std().item() - cfg.init_std) < 0.1 * cfg.init_std
+    assert bool((model.norm.weight == 1).all()) and bool((model.layers[0].attn_norm.weight == 1).all())
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert bool(torch.isfinite(model(ids).logits).all())
+
+
+def test_untied_head_and_bad_inputs():
+    cfg = tiny_config("gated_deltanet")
+    cfg.tie_embeddings = False
+    model = build_model(cfg)
+    assert model.lm_head is not None and model.head_weight is model.lm_head.weight
+    assert model.head_weight.data_ptr() != model.embed.weight.data_ptr()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    cu = torch.tensor([0, 6, 12], dtype=torch.int32)
+    with pytest.raises(ValueError, match="packed"):
+        model(ids, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="int32"):
+        model(ids.reshape(1, 12), cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=ids[:, :3])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        tiny_model("transformer")(ids.reshape(1, 12), cu_seqlens=cu, use_cache=True)

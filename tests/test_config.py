@@ -1,0 +1,192 @@
+"""Config schema: parsing, inheritance, overrides, every error class, and the resolved-config dump."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mom_train.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def base_file(tmp_path):
+    return write(tmp_path / "base.yaml", """
+run: {name: base, seed: 7}
+model: {arch: mom, hidden_size: 64, num_layers: 2, num_heads: 2, head_dim: 32, vocab_size: 256}
+training: {lr: 1.0e-3, steps: 100, warmup_steps: 10, micro_batch_size: 4, seq_len: 64, betas: [0.9, 0.99]}
+data: {mqar: {num_pairs: 8}}
+""")
+
+
+def test_parse_types_and_defaults(base_file):
+    cfg = load_config(base_file)
+    assert cfg.run.name == "base" and cfg.run.seed == 7
+    assert cfg.model.hidden_size == 64 and isinstance(cfg.model.expand_v, float)
+    assert cfg.training.lr == pytest.approx(1e-3) and cfg.training.betas == [0.9, 0.99]
+    assert cfg.data.mqar.num_pairs == 8
+    # untouched keys keep the schema defaults
+    assert cfg.checkpoint.resume == "auto" and cfg.parallel.tp == 1
+
+
+def test_inheritance_deep_merges(tmp_path, base_file):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    child = write(sub / "child.yaml", "base: ../base.yaml\nrun: {name: child}\nmodel: {num_layers: 3}\n")
+    cfg = load_config(child)
+    assert cfg.run.name == "child" and cfg.run.seed == 7
+    assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 64
+
+
+def test_inheritance_loop_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_overrides_parse_to_field_types(base_file):
+    cfg = load_config(base_file, ["training.lr=2e-4", "model.num_layers=5", "run.name=007",
+                                  "model.shared_memory=false", "training.betas=[0.8,0.9]",
+                                  "data.mqar.num_pairs=16", "training.global_batch_tokens=null",
+                                  "data.subset_weights={RedPajamaArXiv: 0.5}"])
+    assert cfg.training.lr == pytest.approx(2e-4)
+    assert cfg.model.num_layers == 5
+    assert cfg.run.name == "007"
+    assert cfg.model.shared_memory is False
+    assert cfg.training.betas == [0.8, 0.9]
+    assert cfg.data.mqar.num_pairs == 16
+    assert cfg.data.subset_weights == {"RedPajamaArXiv": 0.5}
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("training.lrr=0.1", ["training.lrr", "training.lr"]),
+    ("trainin.lr=0.1", ["trainin", "training"]),
+    ("data.mqar.num_pair=3", ["data.mqar.num_pair", "num_pairs"]),
+], ids=["key", "section", "nested"])
+def test_unknown_key_suggests(base_file, override, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(base_file, [override])
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = write(tmp_path / "c.yaml", "model: {hiden_size: 3}\n")
+    with pytest.raises(ConfigError, match=r"model\.hiden_size.*model\.hidden_size"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("training.lr=abc", ["training.lr", "float"]),
+    ("model.num_layers=2.5", ["model.num_layers", "integer"]),
+    ("model.shared_memory=maybe", ["model.shared_memory", "boolean"]),
+    ("model.arch=rnn", ["model.arch", "'mom'"]),
+    ("training.betas=0.9", ["training.betas", "list"]),
+], ids=["float", "int", "bool", "choice", "list"])
+def test_wrong_type(base_file, override, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(base_file, [override])
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("training.lr=-1", "training.lr"),
+    ("training.min_lr_ratio=1.5", "training.min_lr_ratio"),
+    ("parallel.zero_stage=4", "parallel.zero_stage"),
+    ("model.num_layers=0", "model.num_layers"),
+], ids=["lr", "ratio", "zero", "layers"])
+def test_out_of_range(base_file, override, needle):
+    with pytest.raises(ConfigError, match="out of range") as e:
+        load_config(base_file, [override])
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, world, needle", [
+    (["parallel.tp=4"], 4, "num_heads"),
+    (["training.global_batch_size=6"], 1, "micro_batch_size"),
+    (["training.global_batch_size=8"], 4, "data-parallel size"),
+    (["model.topk=5"], 1, "model.topk"),
+    (["parallel.tp=2"], 3, "world size 3"),
+    (["training.global_batch_tokens=100"], 1, "seq_len"),
+    (["data.source=files"], 1, "data.path"),
+    (["training.warmup_steps=1000"], 1, "warmup_steps"),
+], ids=["heads-tp", "batch-micro", "batch-dp", "topk", "world-tp", "tokens-seq", "files-path", "warmup"])
+def test_cross_field(base_file, overrides, world, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(base_file, overrides, world_size=world)
+    assert needle in str(e.value)
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path / "bad.yaml", "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(write(tmp_path / "child.yaml", "base: missing.yaml\n"))
+
+
+def test_bad_override_syntax(base_file):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(base_file, ["training.lr"])
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(base_file, ["training=3"])
+
+
+def test_derived_batch(base_file):
+    cfg = load_config(base_file, ["training.global_batch_tokens=2048"], world_size=2)
+    # 2048 tokens / 64 per sequence = 32 sequences; 32 / (4 micro x 2 ranks) = 4 accumulation steps
+    assert cfg.global_batch_sequences(2) == 32
+    assert cfg.grad_accum_steps(2) == 4
+
+
+def test_dump_round_trips(tmp_path, base_file):
+    cfg = load_config(base_file, ["training.lr=5e-4", "data.subset_weights={A: 1.0}"])
+    out = tmp_path / "run" / "config.yaml"
+    cfg.dump(out)
+    assert yaml.safe_load(out.read_text())["training"]["lr"] == pytest.approx(5e-4)
+    assert load_config(out) == cfg
+    assert not list(out.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path, world_size=1), Config)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mom_train", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    quick = REPO / "configs" / "quickstart.yaml"
+    cases = [
+        (["train", "--config", str(quick), "training.lrr=0.1", "--dry-run"], ["training.lrr", "training.lr"]),
+        (["train", "--config", str(quick), "training.lr=abc", "--dry-run"], ["training.lr", "float"]),
+        (["train", "--config", str(tmp_path / "missing.yaml"), "--dry-run"], [str(tmp_path / "missing.yaml")]),
+    ]
+    for args, needles in cases:
+        res = run_cli(*args)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr + res.stdout
+        for needle in needles:
+            assert needle in res.stderr
+
+
+def test_cli_dry_run_prints_config_and_model_size():
+    res = run_cli("train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "# resolved config" in res.stdout
+    assert "parameters total" in res.stdout and "FLOPs/token" in res.stdout
