@@ -4,7 +4,8 @@ Packed input is one row [1, T, C] holding N segments (cu_seqlens int32 [N+1]); a
 is the special case of B segments of length T. The convolution never reads across a segment start: the
 W-1 inputs before a segment's first token come from `initial_state` (zeros when None). One depthwise conv1d
 runs over the whole packed row; only the first W-1 outputs of each segment (the ones whose window crosses
-the start) are recomputed from a small gathered window and swapped in with `torch.where`. No host syncs.
+the start) are recomputed from a small gathered window and written over it with `index_put`, so the extra
+work and its backward scale with the number of segments, not tokens. No host syncs.
 """
 from __future__ import annotations
 
@@ -85,9 +86,10 @@ class ShortConvolution(nn.Module):
             rel = torch.arange(W - 1, device=x.device)[:, None] - (W - 1) + torch.arange(W, device=x.device)
             windows = self._gather(x2, state, starts, rel.expand(num_seqs, -1, -1))  # [N, W-1, W, C]
             head = torch.einsum("npwc,cw->npc", windows, self.weight.to(x.dtype))  # [N, W-1, C]
-            seg, pos = segment_positions(cu_seqlens, L)
-            fixed = head[seg, pos.clamp(max=W - 2)]  # [L, C]
-            y = torch.where((pos < W - 1)[:, None], fixed, y)
+            # write them over the conv output; positions past the end of a short segment go to a spare row L
+            p = torch.arange(W - 1, device=x.device)
+            rows = torch.where(p < lengths[:, None], starts[:, None] + p, L)  # [N, W-1]
+            y = F.pad(y, (0, 0, 0, 1)).index_put((rows.flatten(),), head.flatten(0, 1).to(y.dtype))[:L]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         if self.activation == "silu":

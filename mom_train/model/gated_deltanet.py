@@ -23,6 +23,41 @@ from mom_train.model.norm import GatedRMSNorm
 
 # xavier-uniform gain of the reference linear-attention layers
 LINEAR_INIT_GAIN = 2 ** -2.5
+# widest value head the triton kernels take; wider value heads run as several heads sharing q, k, g, beta
+MAX_KERNEL_VALUE_DIM = 256
+
+
+def wide_value_gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`gated_delta_rule` (q, k L2-normalised inside) for any value width V: the columns of the state
+    [K, V] evolve independently, so V is split into P equal parts run as P heads each.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [N, H, K, V] -> (o [B, T, H, V],
+    final state [N, H, K, V] | None).
+    """
+    V = v.shape[-1]
+    parts = -(-V // MAX_KERNEL_VALUE_DIM)
+    if V % parts:
+        raise ValueError(f"value head dim {V} must split into equal parts of at most {MAX_KERNEL_VALUE_DIM}; "
+                         "choose head_dim * expand_v as a multiple of such a part")
+    if parts > 1:
+        # head h becomes heads h*P .. h*P+P-1, each owning V/P value columns
+        q, k = q.repeat_interleave(parts, 2), k.repeat_interleave(parts, 2)
+        g, beta = g.repeat_interleave(parts, 2), beta.repeat_interleave(parts, 2)
+        v = v.unflatten(-1, (parts, -1)).flatten(2, 3)  # [B, T, H*P, V/P]
+        if initial_state is not None:
+            # [N, H, K, V] -> [N, H*P, K, V/P]
+            initial_state = initial_state.unflatten(-1, (parts, -1)).transpose(2, 3).flatten(1, 2)
+    o, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                use_qk_l2norm_in_kernel=True, backend=backend)
+    if parts > 1:
+        o = o.unflatten(2, (-1, parts)).flatten(-2)
+        if state is not None:
+            state = state.unflatten(1, (-1, parts)).transpose(2, 3).flatten(-2)
+    return o, state
 
 
 def init_decay_params(A_log: torch.Tensor, dt_bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1,
@@ -100,14 +135,9 @@ class GatedDeltaNet(nn.Module):
         # [B, T, H] fp32 log decay and write strength
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = self.b_proj(x).sigmoid()
-        o, state = gated_delta_rule(
-            q, k, v, g, beta,
-            initial_state=cache.recurrent if cache is not None else None,
-            output_final_state=use_cache,
-            cu_seqlens=cu_seqlens,
-            use_qk_l2norm_in_kernel=True,
-            backend=self.kernel_backend,
-        )
+        initial_state = cache.recurrent if cache is not None else None
+        o, state = wide_value_gated_delta_rule(q, k, v, g, beta, initial_state, use_cache, cu_seqlens,
+                                               self.kernel_backend)
         o = self.o_norm(o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
         y = self.o_proj(o.flatten(-2))
         new_cache = None

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from mom_train.config import ModelConfig
 from mom_train.model.attention import Attention
 from mom_train.model.cache import Cache
+from mom_train.model.conv import segment_positions
 from mom_train.model.gated_deltanet import GatedDeltaNet
 from mom_train.model.linear import make_linear
 from mom_train.model.mlp import SwiGLU, mlp_intermediate_size
@@ -43,10 +44,10 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -
     starts a segment of cu_seqlens (a document never predicts the next one's first token)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     if cu_seqlens is not None:
-        T = labels.shape[1]
-        starts = torch.zeros(T + 1, dtype=torch.bool, device=labels.device)
-        starts[cu_seqlens.long()] = True
-        targets = targets.masked_fill(starts[1:], IGNORE_INDEX)
+        _, pos = segment_positions(cu_seqlens, labels.shape[1])
+        # [T]: token t + 1 is the first of its segment
+        next_starts = F.pad(pos[1:] == 0, (0, 1), value=True)
+        targets = targets.masked_fill(next_starts, IGNORE_INDEX)
     return targets
 
 
@@ -141,7 +142,8 @@ class CausalLM(nn.Module):
         use_cache: bool = False,
     ) -> ModelOutput:
         """input_ids long [B, T], or packed [1, T] with cu_seqlens int32 [N+1]; labels long [B, T] (HF
-        convention, shifted here); cache: continue from an earlier call; use_cache: return the new cache."""
+        convention, shifted here); cache: continue from an earlier call (it is updated in place);
+        use_cache: return the cache holding the state after these tokens."""
         self._check_inputs(input_ids, cu_seqlens, labels)
         if use_cache and cache is None:
             cache = Cache(len(self.layers))
@@ -219,8 +221,10 @@ class CausalLM(nn.Module):
                 break
             out = self(next_ids[:, None], cache=out.cache, use_cache=True)
         result = torch.cat(tokens, 1)
-        # all rows stopped early: fill the rest with eos
-        return F.pad(result, (0, T + max_new_tokens - result.shape[1]), value=eos_token_id or 0)
+        if result.shape[1] < T + max_new_tokens:
+            # every row emitted eos before the end: fill the rest with it
+            result = F.pad(result, (0, T + max_new_tokens - result.shape[1]), value=eos_token_id)
+        return result
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,

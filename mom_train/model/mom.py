@@ -147,28 +147,21 @@ class MoMAttention(nn.Module):
                   cache: RecurrentState | None, use_cache: bool) -> tuple[torch.Tensor, RecurrentState | None]:
         """Memory outputs mixed per token, o [L, H, dv], from x [L, D], sync-free (see module docstring)."""
         L = x.shape[0]
-        num_docs = cu_seqlens.numel() - 1
         S = self.num_streams
         plan = build_stream_plan(routing.topk_idx, cu_seqlens, self.num_memories, self.shared_memory)
         # k/v/b/a of every (token, stream) in one GEMM, then the buffer's rows: [R, F]
         weight = torch.cat([self.k_proj, self.v_proj, self.b_proj, self.a_proj], 1)  # [E, F, D]
         if self.shared_memory:
-            shared = torch.cat([w for w in self._stream_weights(self.num_memories)], 0)  # [F, D]
+            shared = torch.cat(self._stream_weights(self.num_memories), 0)  # [F, D]
             weight = torch.cat([weight, shared[None]], 0)
         rows = F.linear(x, weight.flatten(0, 1)).view(L * S, -1).index_select(0, plan.src)
         k, v, b, a = rows.split([self.k_proj.shape[1], self.v_proj.shape[1], self.b_proj.shape[1],
                                  self.a_proj.shape[1]], -1)
         # q once per token, then one copy per buffer row
         q = self.q_proj(x).index_select(0, torch.div(plan.src, S, rounding_mode="floor"))
-
-        # states: cache [N, S, ...] <-> buffer segment order [S * N, ...] (stream-major)
-        def to_buffer(state: torch.Tensor) -> torch.Tensor:
-            return state.transpose(0, 1).flatten(0, 1)
-
-        def from_buffer(state: torch.Tensor) -> torch.Tensor:
-            return state.unflatten(0, (S, num_docs)).transpose(0, 1).contiguous()
-
-        conv_states = tuple(map(to_buffer, cache.conv)) if cache is not None and self.use_short_conv else (None,) * 3
+        conv_states = (None,) * 3
+        if cache is not None and self.use_short_conv:
+            conv_states = tuple(map(_to_segments, cache.conv))
         (q, k, v), new_conv = self._short_conv(q[None], k[None], v[None], plan.cu_seqlens, conv_states, use_cache)
         g, beta = self._decay_and_beta(a, b)
         o, state = gated_delta_rule(
@@ -176,7 +169,7 @@ class MoMAttention(nn.Module):
             k.unflatten(-1, (-1, self.head_k_dim)),
             v.unflatten(-1, (-1, self.head_v_dim)),
             g[None], beta[None],
-            initial_state=to_buffer(cache.recurrent) if cache is not None else None,
+            initial_state=_to_segments(cache.recurrent) if cache is not None else None,
             output_final_state=use_cache,
             cu_seqlens=plan.cu_seqlens,
             use_qk_l2norm_in_kernel=True,
@@ -189,7 +182,7 @@ class MoMAttention(nn.Module):
             mixed = mixed + o[L * self.topk:]
         new_cache = None
         if use_cache:
-            new_cache = RecurrentState(from_buffer(state), tuple(map(from_buffer, new_conv)))
+            new_cache = RecurrentState(_from_segments(state, S), tuple(_from_segments(c, S) for c in new_conv))
         return mixed.to(o.dtype), new_cache
 
     def _mix_reference(self, x: torch.Tensor, routing: Routing, cu_seqlens: torch.Tensor,
@@ -270,3 +263,13 @@ class MoMAttention(nn.Module):
                              "returned for the same sequences")
         if self.use_short_conv and len(cache.conv) != 3:
             raise ValueError(f"MoMAttention: cache.conv holds {len(cache.conv)} states, expected 3 (q, k, v)")
+
+
+def _to_segments(state: torch.Tensor) -> torch.Tensor:
+    """Cache layout [N, S, ...] -> buffer segment order [S * N, ...] (stream-major, like the plan)."""
+    return state.transpose(0, 1).flatten(0, 1)
+
+
+def _from_segments(state: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Buffer segment order [S * N, ...] -> cache layout [N, S, ...]."""
+    return state.unflatten(0, (num_streams, -1)).transpose(0, 1).contiguous()

@@ -90,15 +90,17 @@ def build_stream_plan(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, num_memo
     device = topk_idx.device
     num_streams = num_memories + int(shared)
     doc_starts = cu_seqlens[:-1].long()  # [N]
-    # prefix[t, e] = slots of memory e among tokens < t (the rank of token t's slot inside memory e)
-    onehot = torch.zeros(num_tokens, num_memories, dtype=torch.long, device=device).scatter_(1, topk_idx, 1)
-    prefix = torch.cat([onehot.new_zeros(1, num_memories), onehot.cumsum(0)])  # [L+1, E]
-    totals = prefix[-1]  # [E]
+    # prefix[e, t] = slots of memory e among tokens < t (the rank of token t's slot inside memory e); memory-
+    # major so the scan runs along the contiguous dim
+    onehot = torch.zeros(num_memories, num_tokens, dtype=torch.int32, device=device)
+    onehot = onehot.scatter_(0, topk_idx.t(), 1)  # [E, L]
+    prefix = torch.cat([onehot.new_zeros(num_memories, 1), onehot.cumsum(1, dtype=torch.int32)], 1).long()
+    totals = prefix[:, -1]  # [E]
     memory_start = totals.cumsum(0) - totals  # [E]
-    dest = memory_start[topk_idx] + prefix[:-1].gather(1, topk_idx)  # [L, k]
-    segment_starts = memory_start[:, None] + prefix[doc_starts].t()  # [E, N]
-
     token = torch.arange(num_tokens, device=device)
+    dest = memory_start[topk_idx] + prefix.view(-1)[topk_idx * (num_tokens + 1) + token[:, None]]  # [L, k]
+    segment_starts = memory_start[:, None] + prefix[:, doc_starts]  # [E, N]
+
     routed_src = torch.empty(num_tokens * topk, dtype=torch.long, device=device)
     routed_src = routed_src.scatter_(0, dest.reshape(-1), (token[:, None] * num_streams + topk_idx).reshape(-1))
     src, starts = [routed_src], [segment_starts.reshape(-1)]

@@ -23,21 +23,24 @@ TOL = 1e-5
 # (batch, total tokens, cu_seqlens or None)
 SHAPES = {
     "T1": (2, 1, None),
+    "B2-T9": (2, 9, None),
     "T63": (1, 63, None),
     "T64": (1, 64, None),
-    "T65": (2, 65, None),
+    "T65": (1, 65, None),
     "T200": (1, 200, None),
     # empty and length-1 segments: one decoding step for several sequences
     "decode-docs": (1, 3, [0, 1, 1, 2, 3]),
     "docs-empty-len1": (1, 30, [0, 0, 1, 9, 9, 10, 30]),
 }
-# (initial state, in-kernel l2norm, scale): every value of each, in pairs (the interpreter is slow)
+# (initial state, in-kernel l2norm, scale)
 FLAGS = {
     "no-h0-unit-keys-scale-default": (False, False, None),
-    "h0-unit-keys-scale-0.3": (True, False, 0.3),
+    "h0-l2norm-in-kernel-scale-0.3": (True, True, 0.3),
+    "h0-unit-keys-scale-default": (True, False, None),
     "no-h0-l2norm-in-kernel-scale-0.3": (False, True, 0.3),
-    "h0-l2norm-in-kernel-scale-default": (True, True, None),
 }
+# the interpreter is slow: long inputs get the first two flag sets, short ones all four
+CASES = [(shape, flags) for shape in SHAPES for i, flags in enumerate(FLAGS) if i < 2 or SHAPES[shape][1] < 40]
 
 
 def _call(target: str, args: tuple, kwargs: dict) -> tuple:
@@ -88,8 +91,7 @@ def make_inputs(batch, num_tokens, cu_seqlens, use_initial_state, l2norm_in_kern
     return (q, k, v, g.to(DEVICE), beta), h0, cu
 
 
-@pytest.mark.parametrize("flags", list(FLAGS), ids=list(FLAGS))
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("shape,flags", CASES, ids=[f"{shape}-{flags}" for shape, flags in CASES])
 def test_matches_naive(call, shape, flags):
     batch, num_tokens, cu_seqlens = SHAPES[shape]
     use_initial_state, l2norm_in_kernel, scale = FLAGS[flags]

@@ -16,17 +16,19 @@ import torch
 
 from mom_train.kernels.short_conv import naive_short_conv, short_conv, short_conv_step
 
-# name: (lengths of the packed segments, or (B, T) for a padded batch, C, W, state, activation, dtype)
+# name: (lengths of the packed segments, or (B, T) for a padded batch, C, W, state, activation, dtype,
+#        x a column slice of a wider buffer)
 CASES = {
-    "packed-odd-empty-W4-state": ([1, 0, 63, 65, 1, 3, 0], 12, 4, True, "silu", "float32"),
-    "packed-W4-nostate": ([5, 63, 2, 65], 12, 4, False, "silu", "float32"),
-    "batch-B3-T65-W4-state": ((3, 65), 10, 4, True, "silu", "float32"),
-    "batch-B2-T1-W4-nostate": ((2, 1), 8, 4, False, "silu", "float32"),
-    "packed-W1": ([7, 0, 9], 6, 1, True, "silu", "float32"),
-    "packed-W2-identity": ([1, 30, 2], 6, 2, True, None, "float32"),
-    "packed-W7-short-segments": ([1, 2, 0, 3, 40], 5, 7, True, "silu", "float32"),
-    "packed-C130-two-channel-blocks": ([33, 1, 36], 130, 4, True, "silu", "float32"),
-    "packed-bf16": ([17, 63, 0, 48], 16, 4, True, "silu", "bfloat16"),
+    "packed-odd-empty-W4-state": ([1, 0, 63, 65, 1, 3, 0], 12, 4, True, "silu", "float32", False),
+    "packed-W4-nostate": ([5, 63, 2, 65], 12, 4, False, "silu", "float32", False),
+    "batch-B3-T65-W4-state": ((3, 65), 10, 4, True, "silu", "float32", False),
+    "batch-B2-T1-W4-nostate": ((2, 1), 8, 4, False, "silu", "float32", False),
+    "packed-W1": ([7, 0, 9], 6, 1, True, "silu", "float32", False),
+    "packed-W2-identity": ([1, 30, 2], 6, 2, True, None, "float32", False),
+    "packed-W7-short-segments": ([1, 2, 0, 3, 40], 5, 7, True, "silu", "float32", False),
+    "packed-C130-two-channel-blocks": ([33, 1, 36], 130, 4, True, "silu", "float32", False),
+    "packed-bf16": ([17, 63, 0, 48], 16, 4, True, "silu", "bfloat16", False),
+    "batch-strided-x": ((2, 33), 9, 4, True, "silu", "float32", True),
 }
 # the launchers called directly: NaN-poisoned outputs, several row blocks per backward program
 LAUNCH_CASES = {"poisoned-num_sub4": ([1, 70, 0, 5, 67, 1], 20, 4)}
@@ -40,7 +42,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _inputs(layout, C: int, W: int, with_state: bool, dtype: torch.dtype, seed: int = 0):
+def _inputs(layout, C: int, W: int, with_state: bool, dtype: torch.dtype, seed: int = 0, strided: bool = False):
+    """(x, weight, cu_seqlens, state, leaf that holds x's gradient)."""
     gen = torch.Generator().manual_seed(seed)
     if isinstance(layout, tuple):
         B, T = layout
@@ -50,16 +53,17 @@ def _inputs(layout, C: int, W: int, with_state: bool, dtype: torch.dtype, seed: 
         B, T = 1, sum(layout)
         cu = torch.tensor([0] + layout, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         num_seqs = len(layout)
-    x = torch.randn(B, T, C, generator=gen).to(dtype).requires_grad_()
+    x_leaf = torch.randn(B, T, 2 * C if strided else C, generator=gen).to(dtype).requires_grad_()
+    x = x_leaf[..., C:] if strided else x_leaf
     w = torch.randn(C, W, generator=gen).requires_grad_()
     state = torch.randn(num_seqs, C, W - 1, generator=gen).requires_grad_() if with_state else None
-    return x, w, cu, state
+    return x, w, cu, state, x_leaf
 
 
-def _run_case(layout, C, W, with_state, activation, dtype_name) -> dict[str, float]:
+def _run_case(layout, C, W, with_state, activation, dtype_name, strided) -> dict[str, float]:
     dtype = getattr(torch, dtype_name)
-    x, w, cu, state = _inputs(layout, C, W, with_state, dtype)
-    leaves = [t for t in (x, w, state) if t is not None]
+    x, w, cu, state, x_leaf = _inputs(layout, C, W, with_state, dtype, strided=strided)
+    leaves = [t for t in (x_leaf, w, state) if t is not None]
     y, final = short_conv(x, w, cu, state, output_final_state=True, activation=activation)
     ref_y, ref_final = naive_short_conv(x, w, cu, state, output_final_state=True, activation=activation)
     gen = torch.Generator().manual_seed(1)
@@ -76,19 +80,20 @@ def _run_case(layout, C, W, with_state, activation, dtype_name) -> dict[str, flo
 def _run_launch_case(lengths, C, W) -> dict[str, float]:
     from mom_train.kernels.short_conv.varlen import segment_index, short_conv_bwd, short_conv_fwd
 
-    x, w, cu, state = _inputs(lengths, C, W, True, torch.float32, seed=2)
+    x, w, cu, state, _ = _inputs(lengths, C, W, True, torch.float32, seed=2)
     x2 = x[0].detach()
     seg, pos = segment_index(cu, x2.shape[0])
     y = torch.full_like(x2, float("nan"))
-    short_conv_fwd(x2, w.detach(), state.detach(), seg, pos, "silu", y)
+    state_t = state.detach().transpose(1, 2).contiguous()  # the launchers take [N, W-1, C]
+    short_conv_fwd(x2, w.detach(), state_t, seg, pos, "silu", y)
     dy = torch.randn_like(x2)
     dx = torch.full_like(x2, float("nan"))
-    dx, dweight, dstate = short_conv_bwd(x2, w.detach(), state.detach(), seg, pos, "silu", dy, dx,
+    dx, dweight, dstate = short_conv_bwd(x2, w.detach(), state_t, seg, pos, "silu", dy, dx,
                                          len(lengths), num_sub=4)
     ref_y, _ = naive_short_conv(x, w, cu, state)
     ref = torch.autograd.grad((ref_y[0] * dy).sum(), (x, w, state))
     return {"y": _rel(y, ref_y[0]), "dx": _rel(dx, ref[0][0]), "dweight": _rel(dweight, ref[1]),
-            "dstate": _rel(dstate, ref[2])}
+            "dstate": _rel(dstate.transpose(1, 2), ref[2])}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +107,7 @@ def interpreter_results() -> dict:
 @pytest.mark.parametrize("name", list(CASES) + list(LAUNCH_CASES))
 def test_triton_matches_naive(interpreter_results, name):
     errs = interpreter_results[name]
-    dtype = CASES[name][-1] if name in CASES else "float32"
+    dtype = CASES[name][5] if name in CASES else "float32"
     bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
     assert not bad, f"{name}: relative errors above {TOL[dtype]}: {bad}"
 
@@ -130,7 +135,7 @@ def test_naive_matches_model_conv():
 
     conv = ShortConvolution(6, 4)
     lengths = [3, 0, 20, 1]
-    x, _, cu, state = _inputs(lengths, 6, 4, True, torch.float32)
+    x, _, cu, state, _ = _inputs(lengths, 6, 4, True, torch.float32)
     y, final = conv(x, cu, state, True)
     ref_y, ref_final = naive_short_conv(x, conv.weight, cu, state, output_final_state=True)
     assert _rel(y, ref_y) < 1e-6 and _rel(final, ref_final) < 1e-6

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from mom_train.config import ModelConfig
 from mom_train.model.attention import apply_rope
 from mom_train.model.conv import ShortConvolution
-from mom_train.model.gated_deltanet import GatedDeltaNet
+from mom_train.kernels import naive_recurrent_gated_delta_rule
+from mom_train.model.gated_deltanet import MAX_KERNEL_VALUE_DIM, GatedDeltaNet, wide_value_gated_delta_rule
 from mom_train.model.linear import make_linear
 from mom_train.model.mlp import mlp_intermediate_size
 from mom_train.model.norm import GatedRMSNorm, RMSNorm
@@ -151,3 +152,16 @@ def test_gated_deltanet_init_and_shapes():
     assert y.shape == (2, 5, 32) and aux == {}
     assert cache.recurrent.shape == (2, 2, 16, 32) and cache.recurrent.dtype == torch.float32
     assert [c.shape for c in cache.conv] == [(2, 32, 3), (2, 32, 3), (2, 64, 3)]
+
+
+def test_wide_value_split_equals_one_kernel_call():
+    B, T, H, K, V = 2, 9, 2, 16, 2 * MAX_KERNEL_VALUE_DIM
+    q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    v = torch.randn(B, T, H, V)
+    g, beta = -torch.rand(B, T, H), torch.rand(B, T, H)
+    state = torch.randn(B, H, K, V)
+    o, final = wide_value_gated_delta_rule(q, k, v, g, beta, state, True, None, "torch")
+    ref_o, ref_final = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert rel_err(o, ref_o) < 1e-5
+    assert rel_err(final, ref_final) < 1e-5

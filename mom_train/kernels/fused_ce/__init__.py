@@ -40,7 +40,8 @@ def fused_linear_cross_entropy(
     if chunk_rows is None:
         chunk_rows = max(256, (2 ** 27 // weight.shape[0]) // 256 * 256)
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, chunk_rows, use_triton)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets.contiguous(), compute_dtype, chunk_rows, use_triton,
+                                         torch.is_grad_enabled())
 
 
 def fused_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, None]:

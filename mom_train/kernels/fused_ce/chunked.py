@@ -35,9 +35,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """(hidden [N, D], weight [V, D], targets [N]) -> (loss_sum fp32 scalar, num_valid long scalar)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_rows, use_triton):
-        N, D = hidden.shape
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_rows, use_triton, grad_enabled):
+        N = hidden.shape[0]
+        # under no_grad (eval) needs_input_grad still reflects requires_grad: skip the gradients then
+        need_dh = grad_enabled and ctx.needs_input_grad[0]
+        need_dw = grad_enabled and ctx.needs_input_grad[1]
         chunk_fn = _chunk_loss_and_grad_triton if use_triton else _chunk_loss_and_grad_torch
         w = weight.to(compute_dtype)
         loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -66,4 +68,4 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dh = (dh * grad_loss).to(ctx.dtypes[0])
         if dw is not None:
             dw = (dw * grad_loss).to(ctx.dtypes[1])
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mom_train.kernels.gated_delta_rule.chunk_fwd import _chunk_header, dot_precision
+from mom_train.kernels.gated_delta_rule.chunk_fwd import _chunk_header, dot_precision, launch_config, seq_config
 
 
 @triton.jit
@@ -77,19 +77,18 @@ def _dh_bwd_kernel(q, k, w, do, dvl, gamma, dh, dv2, dht, dh0, cu, coff, scale, 
         t_last = tl.minimum(t0 + 63, eos - 1)
         b_gl = tl.load(gamma + t_last * H + i_h)
         b_gam = tl.load(gamma + t * H + i_h, mask=m_t, other=0.)
-        b_k = tl.load(k + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                      other=0.).to(tl.float32)
-        b_k = b_k * tl.exp(tl.where(m_t, b_gl - b_gam, 0.))[:, None]
+        b_k = tl.load(k + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         m_tv = m_t[:, None] & m_v[None, :]
         b_du = tl.load(dvl + (t * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
-        b_du += tl.dot(b_k.to(dt), b_ds.to(dt), input_precision=DOT_PREC)
-        tl.store(dv2 + (t * H + i_h)[:, None] * V + o_v[None, :], b_du, mask=m_tv)
-        b_qt = tl.load(q + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                       other=0.).to(tl.float32)
-        b_qt = b_qt * (tl.exp(b_gam) * scale)[None, :]
+        # the row scalings are applied to the [64, BV] side of each product, never to the K-wide tiles
+        b_kds = tl.dot(b_k, b_ds.to(dt), input_precision=DOT_PREC)
+        b_du += b_kds * tl.exp(tl.where(m_t, b_gl - b_gam, 0.))[:, None]
+        tl.store(dv2 + (t * H + i_h)[:, None] * V + o_v[None, :], b_du.to(dt), mask=m_tv)
+        b_qt = tl.load(q + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         b_wt = tl.load(w + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_do = tl.load(do + (t * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(dt)
-        b_ds = (b_ds * tl.exp(b_gl) + tl.dot(b_qt.to(dt), b_do, input_precision=DOT_PREC)
+        b_do = tl.load(do + (t * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_do = b_do * (tl.exp(b_gam) * scale)[:, None]
+        b_ds = (b_ds * tl.exp(b_gl) + tl.dot(b_qt, b_do.to(dt), input_precision=DOT_PREC)
                 - tl.dot(b_wt, b_du.to(dt), input_precision=DOT_PREC))
     if STORE_DH0:
         tl.store(dh0 + i_nh * K * V + p_kv, b_ds, mask=m_kv)
@@ -161,7 +160,7 @@ def _dqkw_kernel(q, k, vnew, h, dh, do, dv2, gamma, dq, dk, dw, dgp, cu, table, 
     p_tk = (t * H + i_h)[:, None] * K + o_k[None, :]
     tl.store(dq + p_tk, b_dq, mask=m_tk)
     tl.store(dk + p_tk, b_dk, mask=m_tk)
-    tl.store(dw + p_tk, -b_dw, mask=m_tk)
+    tl.store(dw + p_tk, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
     tl.store(dgp + i_kb * TT * H + t * H + i_h, b_dg, mask=m_t)
 
 
@@ -184,10 +183,6 @@ def _wy_bwd_kernel(k, v, beta, gamma, Ai, dw, du, dka, dgp, dk, dv, dbeta, dg, c
     b_gam = tl.load(gamma + t * H + i_h, mask=m_t, other=0.)
     b_eg = tl.exp(b_gam)
     b_bg = b_beta * b_eg
-    # T [i, j] and T^T [i, j] = T [j, i], both loaded from memory
-    b_t = tl.load(Ai + (t * H + i_h)[:, None] * 64 + r[None, :], mask=m_t[:, None], other=0.)
-    b_tt = tl.load(Ai + (t * H + i_h)[None, :] * 64 + r[:, None], mask=m_t[None, :], other=0.)
-    b_kk = tl.zeros([64, 64], dtype=tl.float32)
     b_dT = tl.zeros([64, 64], dtype=tl.float32)
     b_dTt = tl.zeros([64, 64], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -195,13 +190,14 @@ def _wy_bwd_kernel(k, v, beta, gamma, Ai, dw, du, dka, dgp, dk, dv, dbeta, dg, c
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
         m_kt = m_k[:, None] & m_t[None, :]
-        b_k = tl.load(k + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-        b_kt = tl.load(k + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
+        b_k = tl.load(k + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_kt = tl.load(k + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_kt, other=0.).to(tl.float32)
         b_dwk = tl.load(dw + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         b_dwkt = tl.load(dw + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
-        b_kk += tl.dot(b_k, b_kt, input_precision=DOT_PREC)
-        b_dT += tl.dot(b_dwk.to(dt), (b_kt.to(tl.float32) * b_bg[None, :]).to(dt), input_precision=DOT_PREC)
-        b_dTt += tl.dot((b_k.to(tl.float32) * b_bg[:, None]).to(dt), b_dwkt.to(dt), input_precision=DOT_PREC)
+        b_dT += tl.dot(b_dwk.to(dt), (b_kt * b_bg[None, :]).to(dt), input_precision=DOT_PREC)
+        b_dTt += tl.dot((b_k * b_bg[:, None]).to(dt), b_dwkt.to(dt), input_precision=DOT_PREC)
+    # T^T [i, j] = T [j, i], loaded transposed from memory
+    b_tt = tl.load(Ai + (t * H + i_h)[None, :] * 64 + r[:, None], mask=m_t[None, :], other=0.)
     b_dbeta = tl.zeros([64], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -219,24 +215,26 @@ def _wy_bwd_kernel(k, v, beta, gamma, Ai, dw, du, dka, dgp, dk, dv, dbeta, dg, c
                  mask=m_tv)
         b_dbeta += tl.sum(b_v * b_tdu, 1)
     # dA = -T^T dT T^T and dA^T = -T dT^T T, restricted to the strictly lower (upper) triangle
-    b_dA = -tl.dot(tl.dot(b_tt, b_dT, input_precision="ieee"), b_tt, input_precision="ieee")
-    b_dAt = -tl.dot(tl.dot(b_t, b_dTt, input_precision="ieee"), b_t, input_precision="ieee")
+    b_dA = -tl.dot(tl.dot(b_tt, b_dT, input_precision=DOT_PREC), b_tt, input_precision=DOT_PREC)
+    b_t = tl.load(Ai + (t * H + i_h)[:, None] * 64 + r[None, :], mask=m_t[:, None], other=0.)
+    b_dAt = -tl.dot(tl.dot(b_t, b_dTt, input_precision=DOT_PREC), b_t, input_precision=DOT_PREC)
     m_lo = r[:, None] > r[None, :]
     m_up = r[:, None] < r[None, :]
     b_decay = tl.exp(tl.where(m_lo, b_gam[:, None] - b_gam[None, :], 0.))
-    b_decay_t = tl.exp(tl.where(m_up, b_gam[None, :] - b_gam[:, None], 0.))
-    b_dakk = tl.where(m_lo, b_dA * b_kk * b_decay, 0.)
-    b_dbeta += tl.sum(b_dakk, 1)
-    b_das = b_dakk * b_beta[:, None]
-    b_dgam = tl.sum(b_das, 1) - tl.sum(b_das, 0)
+    b_dA = tl.where(m_lo, b_dA * b_decay, 0.)
     # M + M^T with M[i, j] = dA_ij exp(gamma_i - gamma_j) beta_i (i > j)
-    b_m = (tl.where(m_lo, b_dA * b_decay * b_beta[:, None], 0.)
-           + tl.where(m_up, b_dAt * b_decay_t * b_beta[None, :], 0.))
+    b_m = (b_dA * b_beta[:, None]
+           + tl.where(m_up, b_dAt * tl.exp(tl.where(m_up, b_gam[None, :] - b_gam[:, None], 0.)) * b_beta[None, :], 0.))
+    b_dgam = tl.zeros([64], dtype=tl.float32)
+    b_kk = tl.zeros([64, 64], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
         p_tk = (t * H + i_h)[:, None] * K + o_k[None, :]
         b_k = tl.load(k + p_tk, mask=m_tk, other=0.)
+        b_kt = tl.load(k + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_kk += tl.dot(b_k, b_kt, input_precision=DOT_PREC)
         b_dwk = tl.load(dw + p_tk, mask=m_tk, other=0.)
         b_dk = tl.load(dka + p_tk, mask=m_tk, other=0.)
         b_tdw = tl.dot(b_tt.to(dt), b_dwk.to(dt), input_precision=DOT_PREC)
@@ -245,6 +243,11 @@ def _wy_bwd_kernel(k, v, beta, gamma, Ai, dw, du, dka, dgp, dk, dv, dbeta, dg, c
         b_dbeta += b_eg * b_x
         b_dgam += b_bg * b_x
         tl.store(dk + p_tk, b_dk, mask=m_tk)
+    # through A_ij = beta_i (k_i . k_j) G_ij: dbeta_i += sum_j dA_ij G_ij k_i.k_j, dgamma from dA o A
+    b_dakk = b_dA * b_kk
+    b_dbeta += tl.sum(b_dakk, 1)
+    b_das = b_dakk * b_beta[:, None]
+    b_dgam += tl.sum(b_das, 1) - tl.sum(b_das, 0)
     for i_kb in range(0, NK):
         b_dgam += tl.load(dgp + i_kb * TT * H + t * H + i_h, mask=m_t, other=0.)
     b_dgam = tl.where(m_t, b_dgam, 0.)
@@ -264,44 +267,44 @@ def dv_local_bwd(q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, gamma: torc
     grid = (table.shape[0], H, triton.cdiv(V, BV))
     _dv_local_kernel[grid](q, k, do, gamma, dvl, cu, table, scale, H=H, K=K, V=V,
                            BK=min(64, triton.next_power_of_2(K)), BV=BV, DOT_PREC=dot_precision(q.dtype),
-                           num_warps=4)
+                           **launch_config(q.dtype, 4))
     return dvl
 
 
 def dh_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dvl: torch.Tensor,
            gamma: torch.Tensor, cu: torch.Tensor, coff: torch.Tensor, num_slots: int, scale: float,
            dht: torch.Tensor | None, need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """dh [NC, H, K, V] (q's dtype, gradient of each chunk's outgoing state), dU [TT, H, V] fp32, dh0 fp32."""
+    """dh [NC, H, K, V] and dU [TT, H, V] in q's dtype (dh: gradient of each chunk's outgoing state), dh0 fp32."""
     TT, H, K = q.shape
     V = do.shape[-1]
     N = cu.shape[0] - 1
     dh = torch.empty(num_slots, H, K, V, device=q.device, dtype=q.dtype)
-    dv2 = torch.empty(TT, H, V, device=q.device, dtype=torch.float32)
+    dv2 = torch.empty(TT, H, V, device=q.device, dtype=q.dtype)
     dh0 = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if need_dh0 else None
-    BV = 32 if K > 128 else 64
-    BV = min(BV, triton.next_power_of_2(V))
-    grid = (triton.cdiv(V, BV), N * H)
+    cfg = seq_config(K, V, q.dtype, backward=True)
+    grid = (triton.cdiv(V, cfg["BV"]), N * H)
     _dh_bwd_kernel[grid](q, k, w, do, dvl, gamma, dh, dv2, dht, dh0, cu, coff, scale, H=H, K=K, V=V,
-                         KP=triton.next_power_of_2(K), BV=BV, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-                         DOT_PREC=dot_precision(q.dtype), num_warps=8 if K > 128 else 4)
+                         KP=triton.next_power_of_2(K), HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+                         DOT_PREC=dot_precision(q.dtype), **cfg)
     return dh, dv2, dh0
 
 
 def dqkw_bwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tensor, dh: torch.Tensor,
              do: torch.Tensor, dv2: torch.Tensor, gamma: torch.Tensor, cu: torch.Tensor, table: torch.Tensor,
              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk (output side), dW [TT, H, K] fp32 and d gamma shares [NK, TT, H] fp32."""
+    """dq, dk (output side) [TT, H, K] fp32, dW [TT, H, K] in q's dtype, d gamma shares [NK, TT, H] fp32."""
     TT, H, K = q.shape
     V = do.shape[-1]
     BK = min(64, triton.next_power_of_2(K))
     NK = triton.cdiv(K, BK)
     dq = torch.empty(TT, H, K, device=q.device, dtype=torch.float32)
     dk = torch.empty_like(dq)
-    dw = torch.empty_like(dq)
+    dw = torch.empty_like(q)
     dgp = torch.empty(NK, TT, H, device=q.device, dtype=torch.float32)
     grid = (table.shape[0], H, NK)
     _dqkw_kernel[grid](q, k, vnew, h, dh, do, dv2, gamma, dq, dk, dw, dgp, cu, table, scale, TT, H=H, K=K, V=V,
-                       BK=BK, BV=min(64, triton.next_power_of_2(V)), DOT_PREC=dot_precision(q.dtype), num_warps=8)
+                       BK=BK, BV=min(64, triton.next_power_of_2(V)), DOT_PREC=dot_precision(q.dtype),
+                       **launch_config(q.dtype, 8))
     return dq, dk, dw, dgp
 
 
@@ -318,5 +321,5 @@ def wy_bwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Te
     _wy_bwd_kernel[(table.shape[0], H)](k, v, beta, gamma, Ai, dw, dv2, dka, dgp, dk, dv, dbeta, dg, cu, table, TT,
                                         H=H, K=K, V=V, BK=min(64, triton.next_power_of_2(K)),
                                         BV=min(64, triton.next_power_of_2(V)), NK=dgp.shape[0],
-                                        DOT_PREC=dot_precision(k.dtype), num_warps=8)
+                                        DOT_PREC=dot_precision(k.dtype), **launch_config(k.dtype, 8))
     return dk, dv, dbeta, dg

@@ -191,15 +191,16 @@ def _h_fwd_kernel(k, w, u, gamma, h, vnew, h0, ht, cu, coff, H: tl.constexpr, K:
                       other=0.)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_u = tl.load(u + (t * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-        b_vn = (b_u - tl.dot(b_w, b_s.to(dt), input_precision=DOT_PREC)).to(dt)
-        tl.store(vnew + (t * H + i_h)[:, None] * V + o_v[None, :], b_vn, mask=m_tv)
+        b_vn = b_u - tl.dot(b_w, b_s.to(dt), input_precision=DOT_PREC)
+        tl.store(vnew + (t * H + i_h)[:, None] * V + o_v[None, :], b_vn.to(dt), mask=m_tv)
         t_last = tl.minimum(t0 + 63, eos - 1)
         b_gl = tl.load(gamma + t_last * H + i_h)
         b_gam = tl.load(gamma + t * H + i_h, mask=m_t, other=0.)
         b_kt = tl.load(k + (t * H + i_h)[None, :] * K + o_k[:, None], mask=(o_k < K)[:, None] & m_t[None, :],
-                       other=0.).to(tl.float32)
-        b_kt = b_kt * tl.exp(tl.where(m_t, b_gl - b_gam, 0.))[None, :]
-        b_s = b_s * tl.exp(b_gl) + tl.dot(b_kt.to(dt), b_vn, input_precision=DOT_PREC)
+                       other=0.)
+        # (exp(gamma_L - gamma) K)^T V_new = K^T (exp(gamma_L - gamma) V_new), with the stored rounding of V_new
+        b_vd = b_vn.to(dt).to(tl.float32) * tl.exp(tl.where(m_t, b_gl - b_gam, 0.))[:, None]
+        b_s = b_s * tl.exp(b_gl) + tl.dot(b_kt, b_vd.to(dt), input_precision=DOT_PREC)
     if STORE_HT:
         tl.store(ht + i_nh * K * V + p_kv, b_s, mask=m_kv)
 
@@ -245,6 +246,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def launch_config(dtype: torch.dtype, num_warps: int, num_stages: int = 3) -> dict:
+    """fp32 tiles (and their fp32 products) are twice as large: one stage, so shared memory fits on Hopper."""
+    return dict(num_warps=num_warps, num_stages=1 if dtype == torch.float32 else num_stages)
+
+
+def seq_config(K: int, V: int, dtype: torch.dtype, backward: bool) -> dict:
+    """Block and launch sizes of the sequential state kernels (checked against Hopper's 227 KiB shared memory
+    and register spills with Triton 3.6)."""
+    if dtype == torch.float32:
+        return dict(BV=min(16, triton.next_power_of_2(V)), num_warps=8, num_stages=1)
+    stages = 1 if backward and K > 128 else 2
+    return dict(BV=min(32, triton.next_power_of_2(V)), num_warps=8, num_stages=stages)
+
+
 def kkt_solve_fwd(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu: torch.Tensor,
                   table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k [TT, H, K], g/beta [TT, H] -> gamma [TT, H] fp32 (in-chunk cumsum), T = (I + A)^-1 [TT, H, 64] fp32."""
@@ -253,7 +268,7 @@ def kkt_solve_fwd(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu: torc
     gamma = torch.empty(TT, H, device=k.device, dtype=torch.float32)
     A = torch.empty(TT, H, BT, device=k.device, dtype=torch.float32)
     _kkt_fwd_kernel[(NC, H)](k, g, beta, gamma, A, cu, table, H=H, K=K, BK=min(64, triton.next_power_of_2(K)),
-                             DOT_PREC=dot_precision(k.dtype), num_warps=4)
+                             DOT_PREC=dot_precision(k.dtype), **launch_config(k.dtype, 4))
     Ai = torch.empty_like(A)
     _solve_kernel[(NC, H)](A, Ai, cu, table, H=H, num_warps=4)
     return gamma, Ai
@@ -268,7 +283,7 @@ def wu_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Te
     u = torch.empty(TT, H, V, device=k.device, dtype=k.dtype)
     _wu_kernel[(table.shape[0], H)](k, v, beta, gamma, Ai, w, u, cu, table, H=H, K=K, V=V,
                                     BK=min(64, triton.next_power_of_2(K)), BV=min(64, triton.next_power_of_2(V)),
-                                    DOT_PREC=dot_precision(k.dtype), num_warps=4)
+                                    DOT_PREC=dot_precision(k.dtype), **launch_config(k.dtype, 4))
     return w, u
 
 
@@ -282,13 +297,11 @@ def h_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gamma: torch.Tensor
     h = torch.empty(num_slots, H, K, V, device=k.device, dtype=k.dtype)
     vnew = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
-    BV = 32 if K > 128 else 64
-    BV = min(BV, triton.next_power_of_2(V))
-    grid = (triton.cdiv(V, BV), N * H)
+    cfg = seq_config(K, V, k.dtype, backward=False)
+    grid = (triton.cdiv(V, cfg["BV"]), N * H)
     _h_fwd_kernel[grid](k, w, u, gamma, h, vnew, initial_state, ht, cu, coff, H=H, K=K, V=V,
-                        KP=triton.next_power_of_2(K), BV=BV, HAS_H0=initial_state is not None,
-                        STORE_HT=output_final_state, DOT_PREC=dot_precision(k.dtype),
-                        num_warps=8 if K > 128 else 4)
+                        KP=triton.next_power_of_2(K), HAS_H0=initial_state is not None,
+                        STORE_HT=output_final_state, DOT_PREC=dot_precision(k.dtype), **cfg)
     return h, vnew, ht
 
 
@@ -301,5 +314,6 @@ def o_fwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tensor,
     BV = min(64, triton.next_power_of_2(V))
     grid = (table.shape[0], H, triton.cdiv(V, BV))
     _o_fwd_kernel[grid](q, k, vnew, h, gamma, o, cu, table, scale, H=H, K=K, V=V,
-                        BK=min(64, triton.next_power_of_2(K)), BV=BV, DOT_PREC=dot_precision(q.dtype), num_warps=4)
+                        BK=min(64, triton.next_power_of_2(K)), BV=BV, DOT_PREC=dot_precision(q.dtype),
+                        **launch_config(q.dtype, 4))
     return o

@@ -95,14 +95,22 @@ def chunk_gated_delta_rule_torch(
     return o.to(dtype), (final_state if output_final_state else None)
 
 
-def _fixed_length(q, k, v, g, beta, initial_state, chunk_size):
+def _fixed_length(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """B sequences of T tokens: chunk each sequence in place; returns o [B, T, H, V], final [B, H, K, V]."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     num_chunks = -(-T // chunk_size)
     pad = num_chunks * chunk_size - T
 
-    def to_chunks(x):
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
         # [B, T, H, *] -> [NC, B, H, C, *]
         x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
         x = x.view(B, num_chunks, chunk_size, H, *x.shape[3:])
@@ -116,7 +124,17 @@ def _fixed_length(q, k, v, g, beta, initial_state, chunk_size):
     return o, final_state.view(B, H, K, V)
 
 
-def _varlen(q, k, v, g, beta, initial_state, cu_seqlens, num_seqs, chunk_size):
+def _varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    num_seqs: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed documents: pad every segment to whole chunks (at least one, so empty segments keep their state)."""
     _, T, H, K = q.shape
     V = v.shape[-1]
@@ -130,7 +148,7 @@ def _varlen(q, k, v, g, beta, initial_state, cu_seqlens, num_seqs, chunk_size):
     token_seg = torch.searchsorted(cu[1:], tokens, right=True).clamp_max(max(num_seqs - 1, 0))  # [T]
     rows = first_chunk[token_seg] * chunk_size + tokens - cu[token_seg]  # [T]
 
-    def to_chunks(x):
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
         # [1, T, H, *] -> [NC, 1, H, C, *], pad rows zero
         buf = x.new_zeros(num_chunks * chunk_size, *x.shape[2:]).index_copy(0, rows, x[0])
         buf = buf.view(num_chunks, 1, chunk_size, H, *x.shape[3:])
@@ -150,7 +168,16 @@ def _varlen(q, k, v, g, beta, initial_state, cu_seqlens, num_seqs, chunk_size):
     return o.unsqueeze(0), final_state
 
 
-def _chunked(q, k, v, g, beta, state0, starts=None, restarts=None):
+def _chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state0: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    restarts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked recurrence over [NC, Bc, H, C, *] inputs (q already scaled).
 
     state0: [Bc*H, K, V], the state entering chunk 0. starts: [NC] bool, chunks whose incoming state is reset to
@@ -183,8 +210,9 @@ def _chunked(q, k, v, g, beta, state0, starts=None, restarts=None):
         m = m * keep
     states = []
     state = state0
-    for c in range(num_chunks):
-        state = torch.baddbmm(m_local[c], m[c], state)
+    # unbind, not m[c]: indexing inside the loop makes backward zero-fill a full [NC, ...] gradient per chunk
+    for m_local_c, m_c in zip(m_local.unbind(0), m.unbind(0)):
+        state = torch.baddbmm(m_local_c, m_c, state)
         states.append(state)
     states_out = torch.stack(states) if states else state0.new_zeros(0, Bc * H, K, V)
     states_in = torch.cat([state0[None], states_out[:-1]])  # [NC, Bc*H, K, V]

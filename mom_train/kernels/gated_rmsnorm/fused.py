@@ -60,19 +60,20 @@ def _gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dw_part, M, 
     tl.store(dw_part + pid.to(tl.int64) * D + cols, dw_acc, mask=mcol)
 
 
-def _block_rows(D: int) -> tuple[int, int]:
+def _block_rows(D: int, elements: int) -> tuple[int, int]:
+    """Rows per block (about `elements` per block) and the padded row width."""
     BD = triton.next_power_of_2(D)
-    return max(1, min(64, 4096 // BD)), BD
+    return max(1, min(64, elements // BD)), BD
 
 
 def gated_rmsnorm_fwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
                       y: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill y [M, D] and rstd fp32 [M] from x, gate [M, D] (unit column stride) and weight [D]."""
     M, D = x.shape
-    BM, BD = _block_rows(D)
+    BM, BD = _block_rows(D, 4096)
     _gated_rmsnorm_fwd_kernel[(triton.cdiv(M, BM),)](
         x, gate, weight, y, rstd, M, D, eps, x.stride(0), gate.stride(0), y.stride(0),
-        BM=BM, BD=BD, num_warps=4 if BD <= 1024 else 8)
+        BM=BM, BD=BD, num_warps=8)
     return y, rstd
 
 
@@ -81,7 +82,8 @@ def gated_rmsnorm_bwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                       num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fill dx, dgate [M, D]; return (dx, dgate, dweight [D] fp32)."""
     M, D = x.shape
-    BM, BD = _block_rows(D)
+    # half the forward's block: the backward keeps about twice as many values live
+    BM, BD = _block_rows(D, 2048)
     if num_programs is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         num_programs = 4 * num_sms
@@ -90,7 +92,7 @@ def gated_rmsnorm_bwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
     _gated_rmsnorm_bwd_kernel[(num_programs,)](
         x, gate, weight, rstd, dy, dx, dgate, dw_part, M, D,
         x.stride(0), gate.stride(0), dy.stride(0), dx.stride(0), dgate.stride(0),
-        BM=BM, BD=BD, num_warps=4 if BD <= 1024 else 8)
+        BM=BM, BD=BD, num_warps=8)
     return dx, dgate, dw_part.sum(0)
 
 

@@ -59,18 +59,18 @@ def short_conv(
 def short_conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor,
                     activation: str | None = "silu") -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: x [B, C], weight [C, W], state [B, C, W-1] (the last W-1 inputs).
-    Returns y [B, C] in x's dtype and the new state [B, C, W-1] in state's dtype."""
+    Returns y [B, C] and the new state [B, C, W-1], both in x's dtype (like `short_conv`'s final state)."""
     window = torch.cat([state.float(), x.float().unsqueeze(-1)], -1)  # [B, C, W]
     y = (window * weight.float()).sum(-1)
     if activation == "silu":
         y = F.silu(y)
-    return y.to(x.dtype), window[..., 1:].to(state.dtype)
+    return y.to(x.dtype), window[..., 1:].to(x.dtype)
 
 
 def segment_tails(x2: torch.Tensor, state: torch.Tensor | None, cu_seqlens: torch.Tensor, W: int) -> torch.Tensor:
     """The last W-1 inputs of each segment: x2 [L, C], state [N, C, W-1] or None -> [N, C, W-1] in x2's dtype;
     positions before a segment start come from the state (zeros if None). Plain torch, differentiable."""
-    L, C = x2.shape
+    L = x2.shape[0]
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     rel = lengths[:, None] - (W - 1) + torch.arange(W - 1, device=x2.device)  # [N, W-1]

@@ -2,7 +2,8 @@
 
 Rows are tokens of the packed buffer [L, C]; `pos[t]` is the position of token t inside its segment and
 `seg[t]` the segment index (both int32 [L], built on the device by `segment_index`). A tap that would read
-before the segment start reads the segment's initial state instead, so no window crosses a boundary.
+before the segment start reads the segment's initial state instead, so no window crosses a boundary; the
+kernels take the state transposed to [N, W-1, C] so that its rows load contiguously like x.
 The backward recomputes the pre-activation, so the forward saves only its inputs. One launch per direction.
 """
 from __future__ import annotations
@@ -11,26 +12,29 @@ import torch
 import triton
 import triton.language as tl
 
-_ACTIVATIONS = ("silu", None)
-
 
 @triton.jit
-def _conv_preact(x, w, state, pos_t, seg_t, rows, cols, mrow, mcol, stride_x, C,
-                 W: tl.constexpr, HAS_STATE: tl.constexpr):
-    """Pre-activation z [BT, BC] fp32 of output rows `rows` (int32 [BT]) at channels `cols` ([BC])."""
-    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+def _conv_preact(x_tile, w, state, pos_t, seg_t, rows, cols, mrow, mcol, stride_x, C,
+                 W: tl.constexpr, HAS_STATE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Pre-activation z [BT, BC] fp32 of the output rows at `rows` (int32 [BT], relative to the pointer x_tile)
+    and channels `cols` ([BC]); pos_t, seg_t: their segment positions and indices."""
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(W):
         wj = tl.load(w + cols * W + j, mask=mcol, other=0.0).to(tl.float32)
         shift = W - 1 - j
-        # taps inside the segment read x, earlier ones read the state slot pos + j
+        # taps inside the segment read x; the ones before its start are added from the state below
         m_x = (mrow & (pos_t >= shift))[:, None] & mcol[None, :]
-        src = (rows - shift).to(tl.int64)
-        xv = tl.load(x + src[:, None] * stride_x + cols[None, :], mask=m_x, other=0.0).to(tl.float32)
-        if HAS_STATE:
-            m_s = (mrow & (pos_t < shift))[:, None] & mcol[None, :]
-            s_off = seg_t.to(tl.int64)[:, None] * C * (W - 1) + cols[None, :] * (W - 1) + (pos_t + j)[:, None]
-            xv += tl.load(state + s_off, mask=m_s, other=0.0).to(tl.float32)
-        acc += xv * wj[None, :]
+        xv = tl.load(x_tile + ((rows - shift) * stride_x)[:, None] + cols[None, :], mask=m_x, other=0.0)
+        acc += xv.to(tl.float32) * wj[None, :]
+    if HAS_STATE:
+        # only tiles holding one of the first W-1 tokens of a segment read the state (slot pos + j)
+        if tl.min(tl.where(mrow, pos_t, W), axis=0) < W - 1:
+            for j in tl.static_range(W - 1):
+                wj = tl.load(w + cols * W + j, mask=mcol, other=0.0).to(tl.float32)
+                m_s = (mrow & (pos_t < W - 1 - j))[:, None] & mcol[None, :]
+                # state rows [N, W-1, C]: slot pos + j of segment seg
+                s_row = (seg_t.to(tl.int64) * (W - 1) + pos_t + j) * C
+                acc += tl.load(state + s_row[:, None] + cols[None, :], mask=m_s, other=0.0).to(tl.float32) * wj[None, :]
     return acc
 
 
@@ -38,16 +42,20 @@ def _conv_preact(x, w, state, pos_t, seg_t, rows, cols, mrow, mcol, stride_x, C,
 def _short_conv_fwd_kernel(x, w, state, pos, seg, y, L, C, stride_x, stride_y,
                            W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                            HAS_STATE: tl.constexpr, SILU: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row0 = tl.program_id(0) * BT
+    local = tl.arange(0, BT)
+    rows = row0 + local
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mrow = rows < L
     mcol = cols < C
     pos_t = tl.load(pos + rows, mask=mrow, other=0)
     seg_t = tl.load(seg + rows, mask=mrow, other=0)
-    z = _conv_preact(x, w, state, pos_t, seg_t, rows, cols, mrow, mcol, stride_x, C, W, HAS_STATE)
+    # 64-bit tile base, 32-bit offsets inside the tile
+    x_tile = x + row0.to(tl.int64) * stride_x
+    z = _conv_preact(x_tile, w, state, pos_t, seg_t, local, cols, mrow, mcol, stride_x, C, W, HAS_STATE, BT, BC)
     if SILU:
         z = z * tl.sigmoid(z)
-    out = y + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
+    out = y + row0.to(tl.int64) * stride_y + (local * stride_y)[:, None] + cols[None, :]
     tl.store(out, z.to(y.dtype.element_ty), mask=mrow[:, None] & mcol[None, :])
 
 
@@ -61,26 +69,31 @@ def _short_conv_bwd_kernel(x, w, state, pos, seg, dy, dx, dw_part, dz_head, L, C
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mcol = cols < C
     taps = tl.arange(0, WP)
+    local = tl.arange(0, BT)
     dw_acc = tl.zeros([BC, WP], dtype=tl.float32)
     for sub in range(NUM_SUB):
-        r = (pid_t * NUM_SUB + sub) * BT + tl.arange(0, BT)
+        row0 = (pid_t * NUM_SUB + sub) * BT
+        r = row0 + local
         mr = r < L
         pos_r = tl.load(pos + r, mask=mr, other=0)
         m_r = mr[:, None] & mcol[None, :]
-        x_r = tl.load(x + r.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=m_r, other=0.0).to(tl.float32)
+        x_tile = x + row0.to(tl.int64) * stride_x
+        dy_tile = dy + row0.to(tl.int64) * stride_dy
+        x_r = tl.load(x_tile + (local * stride_x)[:, None] + cols[None, :], mask=m_r, other=0.0).to(tl.float32)
         dx_acc = tl.zeros([BT, BC], dtype=tl.float32)
         for s in tl.static_range(W):
             t = r + s
             mt = t < L
             pos_t = tl.load(pos + t, mask=mt, other=0)
-            seg_t = tl.load(seg + t, mask=mt, other=0)
             # output t reads input r through tap W-1-s only when both lie in one segment
             same = mr & mt & (pos_t == pos_r + s)
             m_t = same[:, None] & mcol[None, :]
-            dz = tl.load(dy + t.to(tl.int64)[:, None] * stride_dy + cols[None, :], mask=m_t, other=0.0)
+            dz = tl.load(dy_tile + ((local + s) * stride_dy)[:, None] + cols[None, :], mask=m_t, other=0.0)
             dz = dz.to(tl.float32)
             if SILU:
-                z = _conv_preact(x, w, state, pos_t, seg_t, t, cols, same, mcol, stride_x, C, W, HAS_STATE)
+                seg_t = tl.load(seg + t, mask=mt, other=0)
+                z = _conv_preact(x_tile, w, state, pos_t, seg_t, local + s, cols, same, mcol, stride_x, C, W,
+                                 HAS_STATE, BT, BC)
                 sig = tl.sigmoid(z)
                 dz = dz * sig * (1.0 + z * (1.0 - sig))
             if s == 0:
@@ -93,7 +106,7 @@ def _short_conv_bwd_kernel(x, w, state, pos, seg, dy, dx, dw_part, dz_head, L, C
             dx_acc += dz * wj[None, :]
             dw_j = tl.sum(dz * x_r, axis=0)  # [BC]
             dw_acc += tl.where(taps[None, :] == W - 1 - s, dw_j[:, None], 0.0)
-        out = dx + r.to(tl.int64)[:, None] * stride_dx + cols[None, :]
+        out = dx + row0.to(tl.int64) * stride_dx + (local * stride_dx)[:, None] + cols[None, :]
         tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=m_r)
     part = dw_part + pid_t.to(tl.int64) * C * W + cols[:, None] * W + taps[None, :]
     tl.store(part, dw_acc, mask=mcol[:, None] & (taps[None, :] < W))
@@ -111,7 +124,7 @@ def segment_index(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tens
 def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None, seg: torch.Tensor,
                    pos: torch.Tensor, activation: str | None, y: torch.Tensor) -> torch.Tensor:
     """Fill y [L, C] (row stride free, unit channel stride) from x [L, C]; weight [C, W] contiguous;
-    state [N, C, W-1] contiguous or None; seg, pos int32 [L]."""
+    state [N, W-1, C] contiguous (transposed initial state) or None; seg, pos int32 [L]."""
     L, C = x.shape
     W = weight.shape[1]
     BT, BC = 32, min(128, triton.next_power_of_2(C))
@@ -119,7 +132,7 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | 
     grid = (triton.cdiv(L, BT), triton.cdiv(C, BC))
     _short_conv_fwd_kernel[grid](
         x, weight, state if has_state else x, pos, seg, y, L, C, x.stride(0), y.stride(0),
-        W=W, BT=BT, BC=BC, HAS_STATE=has_state, SILU=activation == "silu", num_warps=4)
+        W=W, BT=BT, BC=BC, HAS_STATE=has_state, SILU=activation == "silu", num_warps=8)
     return y
 
 
@@ -127,14 +140,16 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | 
                    pos: torch.Tensor, activation: str | None, dy: torch.Tensor, dx: torch.Tensor,
                    num_seqs: int, num_sub: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Fill dx [L, C]; return (dx, dweight [C, W] fp32, dstate [N, C, W-1] fp32 or None). num_sub: row
-    blocks per program (default: grows with L so the per-program dweight partials stay small)."""
+    """Fill dx [L, C]; return (dx, dweight [C, W] fp32, dstate [N, W-1, C] fp32 or None); state [N, W-1, C]
+    as in `short_conv_fwd`. num_sub: row blocks per program (default: grows with L so the per-program
+    dweight partials stay small)."""
     L, C = x.shape
     W = weight.shape[1]
-    BT, BC = 16, min(128, triton.next_power_of_2(C))
+    # 8 rows per block: the pre-activation is recomputed W times per block, larger blocks spill registers
+    BT, BC = 8, min(128, triton.next_power_of_2(C))
     if num_sub is None:
         num_sub = 1
-        while num_sub < 8 and L >= BT * num_sub * 2 * 256:
+        while num_sub < 16 and L >= BT * num_sub * 2 * 256:
             num_sub *= 2
     num_row_programs = triton.cdiv(L, BT * num_sub)
     has_state = state is not None and W > 1
@@ -152,10 +167,12 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | 
         # taps that read the state: output p of a segment reads slot i = p + j (needs p + j < W-1)
         dz_head = dz_head[:, :W - 1]  # [N, W-1 (p), C]
         slot_taps = _state_taps(W, x.device)  # [W-1 (p), W-1 (i), W (j)] one-hot of j = i - p
-        w32 = weight.float()
-        dstate = torch.einsum("npc,pij,cj->nci", dz_head, slot_taps, w32)
+        # two-operand contractions only, so no [N, W-1, W-1, W, C] intermediate appears
+        slot_weight = torch.einsum("pij,cj->pic", slot_taps, weight.float())  # [W-1, W-1, C]
+        dstate = torch.einsum("npc,pic->nic", dz_head, slot_weight)
         if has_state:
-            dweight = dweight + torch.einsum("npc,pij,nci->cj", dz_head, slot_taps, state.float())
+            products = torch.einsum("npc,nic->pic", dz_head, state.float())  # [W-1, W-1, C]
+            dweight = dweight + torch.einsum("pic,pij->cj", products, slot_taps)
     return dx, dweight, dstate
 
 
@@ -199,5 +216,5 @@ def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.T
     if x.stride(-1) != 1:
         x = x.contiguous()
     seg, pos = segment_index(cu_seqlens, x.shape[0])
-    state = initial_state.contiguous() if initial_state is not None else None
+    state = initial_state.transpose(1, 2).contiguous() if initial_state is not None else None  # [N, W-1, C]
     return _ShortConvFunction.apply(x, weight.contiguous(), state, seg, pos, activation, cu_seqlens.numel() - 1)

@@ -1,0 +1,93 @@
+"""Fixtures for the trainer tests: tiny MQAR / text configs and a SlimPajama-layout text fixture."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from mom_train.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# a MoM small enough that one step takes a few milliseconds on one CPU core
+TINY_MQAR = [
+    "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16",
+    "training.micro_batch_size=4", "training.seq_len=40", "training.steps=6", "training.warmup_steps=2",
+    "run.device=cpu", "logging.interval=1", "logging.progress_bar=false", "eval.interval=0",
+    "checkpoint.interval=0", "checkpoint.keep=2",
+]
+
+WORDS = ("the cat sat on a mat while seven quiet engineers measured memory routing across packed documents "
+         "and wrote checkpoints that resume exactly").split()
+
+
+def mqar_config(run_dir: Path, *overrides: str) -> Config:
+    return load_config(ROOT / "configs" / "quickstart.yaml", [f"run.dir={run_dir}", *TINY_MQAR, *overrides],
+                       world_size=1)
+
+
+def text_config(run_dir: Path, data_root: Path, *overrides: str) -> Config:
+    return load_config(ROOT / "configs" / "tiny_text.yaml",
+                       [f"run.dir={run_dir}", f"data.path={data_root}", "training.steps=6", "checkpoint.interval=0",
+                        *overrides], world_size=1)
+
+
+def write_slimpajama(root: Path, num_docs: int = 40, seed: int = 0) -> Path:
+    """train/chunk1/example_train_0.jsonl.zst and validation/chunk1/example_holdout_0.jsonl.zst."""
+    import random
+
+    rng = random.Random(seed)
+    for split, name in (("train", "example_train_0"), ("validation", "example_holdout_0")):
+        lines = []
+        for _ in range(num_docs):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
+            lines.append(json.dumps({"text": text, "meta": {"redpajama_set_name": "RedPajamaC4"}}))
+        path = root / split / "chunk1" / f"{name}.jsonl.zst"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    return root
+
+
+@pytest.fixture(scope="session")
+def slimpajama_root(tmp_path_factory) -> Path:
+    return write_slimpajama(tmp_path_factory.mktemp("slimpajama"))
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train loss from metrics.jsonl (a resumed run appends; the latest record of a step wins)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+class SignalAfter:
+    """Loader proxy that sends this process SIGTERM once `after` batches were taken (a preemption)."""
+
+    def __init__(self, loader, after: int):
+        self.loader, self.after, self.taken = loader, after, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.loader)
+        self.taken += 1
+        if self.taken == self.after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, sd):
+        self.loader.load_state_dict(sd)
+
+    def close(self):
+        self.loader.close()
