@@ -1,6 +1,9 @@
 """`mom-train` command line (also `python -m mom_train`).
 
     mom-train train --config configs/quickstart.yaml [section.key=value ...] [--dry-run]
+    mom-train eval --checkpoint RUN_OR_CHECKPOINT_DIR [section.key=value ...]
+    mom-train generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt "..." [--max-new-tokens N ...]
+    mom-train plot RUN_DIR
 
 Heavy modules (torch models, data, wandb) are imported inside the subcommands so `--help` stays fast.
 """
@@ -57,9 +60,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"parallel.tp={p.tp}, parallel.cp={p.cp}, parallel.zero_stage={p.zero_stage}: tensor/"
                           "context parallelism and ZeRO are not available yet; training runs data-parallel "
                           "(DDP) only, so set parallel.tp=1 parallel.cp=1 parallel.zero_stage=0")
-    from mom_train.train import train
+    from mom_train.train import NonFiniteError, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except NonFiniteError as e:
+        print(f"mom-train: stopped: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mom_train.eval import run_eval
+
+    print(json.dumps(run_eval(args.checkpoint, args.overrides)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mom_train.eval import generate_from_checkpoint
+
+    print(generate_from_checkpoint(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+                                   args.top_p, args.top_k, args.seed, args.overrides))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mom_train.metrics import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
     return 0
 
 
@@ -78,6 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print it with the model size and FLOPs per token, and exit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out loss/perplexity (text) or recall accuracy (MQAR) of a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or run dir (its latest)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.num_batches=50")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or run dir (its latest)")
+    p.add_argument("--prompt", required=True, help="text (MQAR checkpoints: space-separated token ids)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.device=cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="write loss/lr/throughput curves (PNG) of a run from its metrics.jsonl")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -23,7 +23,7 @@ NO_DECAY_NAMES = ("A_log", "dt_bias")
 def decays(name: str, param: torch.Tensor) -> bool:
     """Whether AdamW applies weight decay to this parameter."""
     last = name.rsplit(".", 1)[-1]
-    if last in NO_DECAY_NAMES or last == "bias" or "norm" in name.lower():
+    if getattr(param, "_no_weight_decay", False) or last in NO_DECAY_NAMES or last == "bias" or "norm" in name.lower():
         return False
     return param.ndim >= 2
 

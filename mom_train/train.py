@@ -159,13 +159,17 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
             # parameters and optimizer moments were left untouched: they are the state after step - 1
             save(step - 1, *before)
             logger.close()
+            loader.close()
             raise NonFiniteError(f"non-finite loss or gradient norm at step {step} (training.nan_policy=stop); "
                                  f"saved the last good state as checkpoint step {step - 1} in {run_dir}. "
                                  "Lower training.lr or raise warmup, check the data, or resume with "
                                  "training.nan_policy=skip to skip such steps")
         stopping = bool(ctx.max_int(int(preempt.requested)))
+        interval = cfg.checkpoint.interval
+        saving = (interval > 0 and step % interval == 0) or step == t.steps or stopping
 
-        if step % cfg.logging.interval == 0 or step == t.steps or stopping:
+        # a checkpoint step is always logged, so the saved counters are exact
+        if step % cfg.logging.interval == 0 or saving:
             record = window.reduce(ctx)
             now = time.perf_counter()
             num_skipped += record["skipped_steps"]
@@ -189,8 +193,7 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
             logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
             result.update(scores)
 
-        interval = cfg.checkpoint.interval
-        if (interval > 0 and step % interval == 0) or step == t.steps or stopping:
+        if saving:
             save(step, loader.state_dict(), rng_state())
         paused += time.perf_counter() - pause_start
         if stopping:
@@ -198,7 +201,10 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
             result["preempted"] = True
             break
 
+    result["step"] = step
+    final = {k: result[k] for k in ("loss", "eval_loss", "eval_ppl", "eval_recall") if k in result}
+    logger.message(f"finished at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
+                                                            if v is not None))
     logger.close()
     loader.close()
-    result["step"] = step
     return result

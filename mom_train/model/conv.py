@@ -30,8 +30,11 @@ def segment_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.
 class ShortConvolution(nn.Module):
     """y[t, c] = act(sum_j weight[c, j] * x[t - (W-1) + j, c] + bias[c]), per segment; weight [C, W]."""
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = False, activation: str | None = "silu",
+                 backend: str = "auto"):
         super().__init__()
+        # auto/triton: the Triton varlen kernel on CUDA inputs; torch: always the conv1d path below
+        self.backend = backend
         if activation not in _ACTIVATIONS:
             raise ValueError(f"ShortConvolution: activation={activation!r}; expected one of {_ACTIVATIONS}")
         self.channels = channels
@@ -64,6 +67,10 @@ class ShortConvolution(nn.Module):
             raise ValueError(f"ShortConvolution: x has {C} channels, the layer was built for {self.channels}")
         if cu_seqlens is not None and B != 1:
             raise ValueError(f"ShortConvolution: with cu_seqlens the input must be packed as [1, T, C], got B={B}")
+        if x.is_cuda and self.backend != "torch" and self.bias is None:
+            from mom_train.kernels.short_conv import short_conv
+
+            return short_conv(x, self.weight, cu_seqlens, initial_state, output_final_state, self.activation)
         if cu_seqlens is None:
             # a padded batch is B segments of length T laid end to end
             cu_seqlens = torch.arange(B + 1, device=x.device, dtype=torch.int32) * T

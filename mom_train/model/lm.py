@@ -168,7 +168,12 @@ class CausalLM(nn.Module):
             out.logits = F.linear(hidden, self.head_weight)
             return out
         targets = shift_labels(labels, cu_seqlens)
-        out.loss_sum, out.logits = self.loss_fn(hidden, self.head_weight, targets)
+        loss_fn = self.loss_fn
+        if (loss_fn is linear_cross_entropy and hidden.is_cuda and self.training
+                and self.config.kernel_backend != "torch"):
+            # training needs no logits: the fused head + cross entropy never materialises them
+            from mom_train.kernels.fused_ce import fused_loss_fn as loss_fn
+        out.loss_sum, out.logits = loss_fn(hidden, self.head_weight, targets)
         out.num_valid = (targets != IGNORE_INDEX).sum()
         out.loss = out.loss_sum / out.num_valid.clamp(min=1) + self.config.aux_loss_coef * aux_loss
         return out

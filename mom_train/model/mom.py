@@ -68,11 +68,11 @@ class MoMAttention(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.use_short_conv = cfg.use_short_conv
         if cfg.use_short_conv:
-            self.q_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu")
-            self.k_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu")
-            self.v_conv1d = ShortConvolution(value_dim, cfg.conv_size, activation="silu")
+            self.q_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu", backend=cfg.kernel_backend)
+            self.k_conv1d = ShortConvolution(key_dim, cfg.conv_size, activation="silu", backend=cfg.kernel_backend)
+            self.v_conv1d = ShortConvolution(value_dim, cfg.conv_size, activation="silu", backend=cfg.kernel_backend)
         self.g_proj = make_linear(D, value_dim, kind="column")
-        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=cfg.norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=cfg.norm_eps, backend=cfg.kernel_backend)
         self.o_proj = make_linear(value_dim, D, kind="row")
         self.reset_parameters()
 

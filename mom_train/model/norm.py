@@ -26,11 +26,15 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """y = rmsnorm(x) * weight * silu(gate) over the last dim (per head); x, gate [..., dim]."""
+    """y = rmsnorm(x) * weight * silu(gate) over the last dim (per head); x, gate [..., dim].
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    backend auto/triton: one fused Triton kernel per direction on CUDA inputs; torch: plain torch ops.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
@@ -38,4 +42,8 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.backend != "torch":
+            from mom_train.kernels.gated_rmsnorm import gated_rmsnorm
+
+            return gated_rmsnorm(x, gate.to(x.dtype), self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps) * F.silu(gate.to(x.dtype))

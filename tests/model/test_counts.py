@@ -5,7 +5,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from mom_train.config import ModelConfig, load_config
 from mom_train.model import build_model, count_parameters, flops_per_token

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,9 +66,6 @@ def test_keep_last_k_and_resume_paths(tmp_path):
 
 def test_rng_state_roundtrip():
     state = ckpt.rng_state()
-    import random
-
-    import numpy as np
     expected = (torch.rand(4), np.random.rand(), random.random())
     ckpt.set_rng_state(state)
     assert torch.equal(torch.rand(4), expected[0])

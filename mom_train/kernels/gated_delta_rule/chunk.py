@@ -10,25 +10,11 @@ import torch
 import triton
 
 from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dqkw_bwd, dv_local_bwd, wy_bwd
-from mom_train.kernels.gated_delta_rule.chunk_fwd import BT, h_fwd, kkt_solve_fwd, o_fwd, wu_fwd
+from mom_train.kernels.gated_delta_rule.chunk_fwd import BT, chunk_tables, h_fwd, o_fwd, prepare_fwd, wu_fwd
 from mom_train.kernels.gated_delta_rule.l2norm import l2norm_bwd, l2norm_fwd
 
 # largest head dim a program holds as one state tile
 MAX_HEAD_DIM = 256
-
-
-def _chunk_tables(cu: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cu int32 [N+1] -> (chunk offsets int32 [N+1], chunk table int32 [num_slots, 2] of (sequence, first
-    token), first token -1 for unused slots). Torch ops on the device only."""
-    N = cu.shape[0] - 1
-    num_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT
-    coff = torch.cat([cu.new_zeros(1), num_chunks.cumsum(0).to(torch.int32)])
-    slot = torch.arange(num_slots, device=cu.device, dtype=torch.int32)
-    seq = torch.searchsorted(coff[1:].contiguous(), slot, right=True).clamp_(max=N - 1)
-    start = cu[seq] + (slot - coff[seq]) * BT
-    start = torch.where(slot < coff[N], start, torch.full_like(start, -1))
-    table = torch.stack([seq.to(torch.int32), start.to(torch.int32)], 1).contiguous()
-    return coff, table
 
 
 class _ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -36,11 +22,10 @@ class _ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu, num_slots, use_l2):
         # q, k [TT, H, K]; v [TT, H, V]; g, beta [TT, H]; cu int32 [N+1]
-        coff, table = _chunk_tables(cu, num_slots)
+        coff, table = chunk_tables(cu, num_slots)
         qn, rq = l2norm_fwd(q) if use_l2 else (q, None)
         kn, rk = l2norm_fwd(k) if use_l2 else (k, None)
-        gamma, Ai = kkt_solve_fwd(kn, g, beta, cu, table)
-        w, u = wu_fwd(kn, v, beta, gamma, Ai, cu, table)
+        gamma, Ai, w, u = prepare_fwd(kn, v, g, beta, cu, table)
         h, vnew, ht = h_fwd(kn, w, u, gamma, cu, coff, num_slots, initial_state, output_final_state)
         o = o_fwd(qn, kn, vnew, h, gamma, cu, table, scale, v.dtype)
         ctx.save_for_backward(q, k, v, beta, gamma, Ai, initial_state, cu, coff, table, rq, rk)
@@ -117,7 +102,7 @@ def chunk_gated_delta_rule(
     if scale is None:
         scale = K ** -0.5
     if cu_seqlens is None:
-        cu = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
+        cu = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
         num_slots = B * triton.cdiv(T, BT)
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()

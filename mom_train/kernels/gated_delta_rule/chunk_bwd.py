@@ -263,25 +263,28 @@ def dv_local_bwd(q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, gamma: torc
     TT, H, K = q.shape
     V = do.shape[-1]
     dvl = torch.empty(TT, H, V, device=q.device, dtype=torch.float32)
-    BV = min(64, triton.next_power_of_2(V))
+    fp32 = q.dtype == torch.float32
+    BV = min(64 if fp32 else 128, triton.next_power_of_2(V))
     grid = (table.shape[0], H, triton.cdiv(V, BV))
     _dv_local_kernel[grid](q, k, do, gamma, dvl, cu, table, scale, H=H, K=K, V=V,
                            BK=min(64, triton.next_power_of_2(K)), BV=BV, DOT_PREC=dot_precision(q.dtype),
-                           **launch_config(q.dtype, 4))
+                           **launch_config(q.dtype, 4 if fp32 else 8))
     return dvl
 
 
 def dh_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor, dvl: torch.Tensor,
            gamma: torch.Tensor, cu: torch.Tensor, coff: torch.Tensor, num_slots: int, scale: float,
-           dht: torch.Tensor | None, need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """dh [NC, H, K, V] and dU [TT, H, V] in q's dtype (dh: gradient of each chunk's outgoing state), dh0 fp32."""
+           dht: torch.Tensor | None, need_dh0: bool,
+           config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dh [NC, H, K, V] and dU [TT, H, V] in q's dtype (dh: gradient of each chunk's outgoing state), dh0 fp32.
+    config overrides seq_config (BV, num_warps, num_stages) for benchmarks."""
     TT, H, K = q.shape
     V = do.shape[-1]
     N = cu.shape[0] - 1
     dh = torch.empty(num_slots, H, K, V, device=q.device, dtype=q.dtype)
     dv2 = torch.empty(TT, H, V, device=q.device, dtype=q.dtype)
     dh0 = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if need_dh0 else None
-    cfg = seq_config(K, V, q.dtype, backward=True)
+    cfg = config or seq_config(K, V, q.dtype, backward=True)
     grid = (triton.cdiv(V, cfg["BV"]), N * H)
     _dh_bwd_kernel[grid](q, k, w, do, dvl, gamma, dh, dv2, dht, dh0, cu, coff, scale, H=H, K=K, V=V,
                          KP=triton.next_power_of_2(K), HAS_DHT=dht is not None, STORE_DH0=need_dh0,

@@ -25,14 +25,40 @@ def _chunk_header(table, cu, i_c):
 
 
 @triton.jit
-def _kkt_fwd_kernel(k, g, beta, gamma, A, cu, table, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+def _chunk_table_kernel(cu, coff, table, N, NC, LOG_N: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """One program. coff[n] = sum_{m<n} cdiv(len_m, 64); then for each chunk slot c a binary search for the
+    last sequence n with coff[n] <= c gives table[c] = (n, cu[n] + 64 (c - coff[n])), or (n, -1) past the end."""
+    carry = tl.sum(tl.zeros([BN], dtype=tl.int32), 0)
+    tl.store(coff, carry)
+    for i0 in range(0, N, BN):
+        o = i0 + tl.arange(0, BN)
+        m = o < N
+        b_lo = tl.load(cu + o, mask=m, other=0)
+        b_hi = tl.load(cu + o + 1, mask=m, other=0)
+        b_num = tl.where(m, (b_hi - b_lo + 63) // 64, 0)
+        tl.store(coff + o + 1, carry + tl.cumsum(b_num, 0), mask=m)
+        carry += tl.sum(b_num, 0)
+    tl.debug_barrier()
+    for c0 in range(0, NC, BC):
+        c = c0 + tl.arange(0, BC)
+        b_lo = tl.zeros([BC], dtype=tl.int32)
+        b_hi = tl.zeros([BC], dtype=tl.int32) + (N - 1)
+        for _ in range(LOG_N):
+            b_mid = (b_lo + b_hi + 1) // 2
+            b_go = tl.load(coff + b_mid) <= c
+            b_lo = tl.where(b_go, b_mid, b_lo)
+            b_hi = tl.where(b_go, b_hi, b_mid - 1)
+        b_start = tl.load(cu + b_lo) + (c - tl.load(coff + b_lo)) * 64
+        b_start = tl.where(c < carry, b_start, -1)
+        m = c < NC
+        tl.store(table + c.to(tl.int64) * 2, b_lo, mask=m)
+        tl.store(table + c.to(tl.int64) * 2 + 1, b_start, mask=m)
+
+
+@triton.jit
+def _kkt_body(k, g, beta, gamma, A, bos, eos, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     """gamma = in-chunk cumsum of g; A[i, j] = beta_i k_i.k_j exp(gamma_i - gamma_j) for i > j, else 0."""
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    i_n, bos, eos = _chunk_header(table, cu, i_c)
-    if bos < 0:
-        return
     r = tl.arange(0, 64)
     t = bos + r
     m_t = t < eos
@@ -82,13 +108,8 @@ def _inv_unit_lower16(b_a):
 
 
 @triton.jit
-def _solve_kernel(A, Ai, cu, table, H: tl.constexpr):
+def _solve_body(A, Ai, bos, eos, i_h, H: tl.constexpr):
     """Ai = (I + A)^-1 per chunk: four 16x16 diagonal inverses, then T_ij = -T_ii sum_{j<=m<i} A_im T_mj."""
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    i_n, bos, eos = _chunk_header(table, cu, i_c)
-    if bos < 0:
-        return
     a21 = _load_blk(A, bos, eos, i_h, H, 1, 0)
     a31 = _load_blk(A, bos, eos, i_h, H, 2, 0)
     a32 = _load_blk(A, bos, eos, i_h, H, 2, 1)
@@ -129,14 +150,9 @@ def _solve_kernel(A, Ai, cu, table, H: tl.constexpr):
 
 
 @triton.jit
-def _wu_kernel(k, v, beta, gamma, Ai, w, u, cu, table, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+def _wu_body(k, v, beta, gamma, Ai, w, u, bos, eos, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
     """W = T (beta exp(gamma) K), U = T (beta V), stored in the input dtype."""
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    i_n, bos, eos = _chunk_header(table, cu, i_c)
-    if bos < 0:
-        return
     dt = k.dtype.element_ty
     r = tl.arange(0, 64)
     t = bos + r
@@ -157,6 +173,35 @@ def _wu_kernel(k, v, beta, gamma, Ai, w, u, cu, table, H: tl.constexpr, K: tl.co
         b_k = tl.load(k + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
         b_w = tl.dot(b_t, (b_k * b_bg[:, None]).to(dt), input_precision=DOT_PREC)
         tl.store(w + (t * H + i_h)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _prepare_fwd_kernel(k, v, g, beta, gamma, A, Ai, w, u, cu, table, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Per (chunk, head): gamma and A, then T = (I + A)^-1, then W and U. The barriers make each phase's
+    global stores visible to the whole program before the next phase reads them."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_n, bos, eos = _chunk_header(table, cu, i_c)
+    if bos < 0:
+        return
+    _kkt_body(k, g, beta, gamma, A, bos, eos, i_h, H, K, BK, DOT_PREC)
+    tl.debug_barrier()
+    _solve_body(A, Ai, bos, eos, i_h, H)
+    tl.debug_barrier()
+    _wu_body(k, v, beta, gamma, Ai, w, u, bos, eos, i_h, H, K, V, BK, BV, DOT_PREC)
+
+
+@triton.jit
+def _wu_kernel(k, v, beta, gamma, Ai, w, u, cu, table, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """W and U from a stored T (the backward's recomputation)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_n, bos, eos = _chunk_header(table, cu, i_c)
+    if bos < 0:
+        return
+    _wu_body(k, v, beta, gamma, Ai, w, u, bos, eos, i_h, H, K, V, BK, BV, DOT_PREC)
 
 
 @triton.jit
@@ -260,23 +305,38 @@ def seq_config(K: int, V: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(BV=min(32, triton.next_power_of_2(V)), num_warps=8, num_stages=stages)
 
 
-def kkt_solve_fwd(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu: torch.Tensor,
-                  table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k [TT, H, K], g/beta [TT, H] -> gamma [TT, H] fp32 (in-chunk cumsum), T = (I + A)^-1 [TT, H, 64] fp32."""
+def chunk_tables(cu: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cu int32 [N+1] -> (chunk offsets coff int32 [N+1]: first slot of each sequence, chunk table int32
+    [num_slots, 2] of (sequence, first token) with first token -1 for unused slots). One launch, no sync."""
+    N = cu.shape[0] - 1
+    coff = torch.empty(N + 1, device=cu.device, dtype=torch.int32)
+    table = torch.empty(num_slots, 2, device=cu.device, dtype=torch.int32)
+    _chunk_table_kernel[(1,)](cu, coff, table, N, num_slots, LOG_N=max(1, N.bit_length()), BN=1024, BC=1024,
+                              num_warps=4)
+    return coff, table
+
+
+def prepare_fwd(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu: torch.Tensor,
+                table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gamma [TT, H] fp32 (in-chunk cumsum of g), T = (I + A)^-1 [TT, H, 64] fp32, W [TT, H, K] and
+    U [TT, H, V] in k's dtype."""
     TT, H, K = k.shape
-    NC = table.shape[0]
+    V = v.shape[-1]
     gamma = torch.empty(TT, H, device=k.device, dtype=torch.float32)
     A = torch.empty(TT, H, BT, device=k.device, dtype=torch.float32)
-    _kkt_fwd_kernel[(NC, H)](k, g, beta, gamma, A, cu, table, H=H, K=K, BK=min(64, triton.next_power_of_2(K)),
-                             DOT_PREC=dot_precision(k.dtype), **launch_config(k.dtype, 4))
     Ai = torch.empty_like(A)
-    _solve_kernel[(NC, H)](A, Ai, cu, table, H=H, num_warps=4)
-    return gamma, Ai
+    w = torch.empty_like(k)
+    u = torch.empty(TT, H, V, device=k.device, dtype=k.dtype)
+    _prepare_fwd_kernel[(table.shape[0], H)](k, v, g, beta, gamma, A, Ai, w, u, cu, table, H=H, K=K, V=V,
+                                             BK=min(64, triton.next_power_of_2(K)),
+                                             BV=min(64, triton.next_power_of_2(V)), DOT_PREC=dot_precision(k.dtype),
+                                             **launch_config(k.dtype, 4))
+    return gamma, Ai, w, u
 
 
 def wu_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor, Ai: torch.Tensor,
            cu: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [TT, H, K] and U [TT, H, V] in k's dtype."""
+    """W [TT, H, K] and U [TT, H, V] in k's dtype from a stored T."""
     TT, H, K = k.shape
     V = v.shape[-1]
     w = torch.empty_like(k)
@@ -288,16 +348,17 @@ def wu_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Te
 
 
 def h_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gamma: torch.Tensor, cu: torch.Tensor,
-          coff: torch.Tensor, num_slots: int, initial_state: torch.Tensor | None,
-          output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-chunk incoming states h [NC, H, K, V] (k's dtype), V_new [TT, H, V] (k's dtype), final [N, H, K, V]."""
+          coff: torch.Tensor, num_slots: int, initial_state: torch.Tensor | None, output_final_state: bool,
+          config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-chunk incoming states h [NC, H, K, V] (k's dtype), V_new [TT, H, V] (k's dtype), final [N, H, K, V].
+    config overrides seq_config (BV, num_warps, num_stages) for benchmarks."""
     TT, H, K = k.shape
     V = u.shape[-1]
     N = cu.shape[0] - 1
     h = torch.empty(num_slots, H, K, V, device=k.device, dtype=k.dtype)
     vnew = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
-    cfg = seq_config(K, V, k.dtype, backward=False)
+    cfg = config or seq_config(K, V, k.dtype, backward=False)
     grid = (triton.cdiv(V, cfg["BV"]), N * H)
     _h_fwd_kernel[grid](k, w, u, gamma, h, vnew, initial_state, ht, cu, coff, H=H, K=K, V=V,
                         KP=triton.next_power_of_2(K), HAS_H0=initial_state is not None,
@@ -311,9 +372,10 @@ def o_fwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tensor,
     TT, H, K = q.shape
     V = vnew.shape[-1]
     o = torch.empty(TT, H, V, device=q.device, dtype=out_dtype)
-    BV = min(64, triton.next_power_of_2(V))
+    fp32 = q.dtype == torch.float32
+    BV = min(64 if fp32 else 128, triton.next_power_of_2(V))
     grid = (table.shape[0], H, triton.cdiv(V, BV))
     _o_fwd_kernel[grid](q, k, vnew, h, gamma, o, cu, table, scale, H=H, K=K, V=V,
                         BK=min(64, triton.next_power_of_2(K)), BV=BV, DOT_PREC=dot_precision(q.dtype),
-                        **launch_config(q.dtype, 4))
+                        **launch_config(q.dtype, 4 if fp32 else 8))
     return o
