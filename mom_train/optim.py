@@ -2,8 +2,9 @@
 
 Weight decay: every matrix (linear and conv weights, and the token embedding, which is tied to the output
 head by default) is decayed; norm weights, biases, `A_log` and `dt_bias` (per-head decay/step parameters of
-the recurrent layers) are not. The train loop only talks to `Engine` (forward through `engine.model`,
-`backward`, `no_sync`, `step`, `state_dict`), so ZeRO or model-parallel engines can replace it later.
+the recurrent layers, also flagged `_no_weight_decay` by the model) are not. The train loop only talks to
+`Engine` (forward through `engine.model`, `autocast`, `backward`, `no_sync`, `step`, `state_dict`), so ZeRO or
+model-parallel engines can replace it later.
 """
 from __future__ import annotations
 

@@ -22,14 +22,12 @@ import torch
 from mom_train.checkpoint import (PreemptionHandler, check_compatible, load_main, load_rank, resume_path,
                                   rng_state, save_checkpoint, set_rng_state)
 from mom_train.config import Config
-from mom_train.data import Batch, build_loader
+from mom_train.data import IGNORE_INDEX, Batch, build_loader
 from mom_train.distributed import ParallelContext, init_distributed, teardown
 from mom_train.eval import evaluate
 from mom_train.metrics import MetricsLogger, Window, peak_flops
 from mom_train.model import build_model, flops_per_token
 from mom_train.optim import Engine
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteError(RuntimeError):

@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(nn.Module):
     """y = rmsnorm(x) * weight * silu(gate) over the last dim (per head); x, gate [..., dim].
 
-    backend auto/triton: one fused Triton kernel per direction on CUDA inputs; torch: plain torch ops.
+    backend auto/triton: one fused Triton kernel per direction on CUDA inputs; torch: torch's rms_norm.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
