@@ -28,7 +28,8 @@ def test_metrics_jsonl_and_config(trained_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     eval_records = [r for r in records if "eval_recall" in r]
-    assert [r["step"] for r in train_records] == [2, 4, 6]
+    # every logging.interval=2 steps, and at each checkpoint (interval 3)
+    assert [r["step"] for r in train_records] == [2, 3, 4, 6]
     assert [r["step"] for r in eval_records] == [3, 6]
     for r in train_records:
         for key in ("loss", "lr", "tokens", "tokens_per_s", "grad_norm", "aux_loss", "skipped_steps", "data"):
