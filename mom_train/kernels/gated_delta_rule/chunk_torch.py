@@ -5,9 +5,11 @@ Per chunk of C tokens with gamma = within-chunk cumsum of g:
 so the chunk is an affine map of its incoming state, S_out = M S_in + L, with
     M = exp(gamma_C) I - Kd^T W,  L = Kd^T U,  Kd = exp(gamma_C - gamma) K.
 All chunk-local work runs batched over chunks, sequences and heads; only the product of the maps over chunks
-is a Python loop, whose length comes from shapes. Packed documents are laid out with every segment padded to
-whole chunks (pad rows have k = v = g = beta = 0, so they change nothing), computed with index arithmetic on
-the device: no host syncs.
+is a Python loop. Packed documents are laid out with every segment padded to whole chunks (pad rows have
+k = v = g = beta = 0, so they change nothing), computed with index arithmetic on the device. On a GPU the
+loop runs over all chunks in order, its length from shapes (no host sync); on the CPU, where reading a
+value costs nothing, it runs over the chunk positions inside a segment, all segments at once, so many short
+documents (the MoM memory streams) take one or two steps.
 """
 from __future__ import annotations
 
@@ -81,6 +83,8 @@ def chunk_gated_delta_rule_torch(
     scale = K ** -0.5 if scale is None else scale
     # chunks shorter than 64 for short inputs (decoding) give the same result with less padding
     chunk_size = CHUNK_SIZE if T >= CHUNK_SIZE else max(1, 1 << (T - 1).bit_length())
+    if cu_seqlens is not None and q.device.type == "cpu" and T > 0:
+        chunk_size = _cpu_chunk_size(cu_seqlens, K + V)
     dtype = v.dtype
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
@@ -93,6 +97,20 @@ def chunk_gated_delta_rule_torch(
     else:
         o, final_state = _varlen(q, k, v, g, beta, initial_state, cu_seqlens, num_seqs, chunk_size)
     return o.to(dtype), (final_state if output_final_state else None)
+
+
+def _cpu_chunk_size(cu_seqlens: torch.Tensor, width: int) -> int:
+    """Chunk size with the least padded work for these segments (CPU only: it reads the lengths).
+
+    Every segment is padded to whole chunks and each padded row costs ~(C + width) flops per channel, so many
+    short segments (MoM memory streams) are cheaper in small chunks; the result is the same for any size.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+
+    def cost(c: int) -> int:
+        return int(((lengths + c - 1) // c).clamp_min(1).sum()) * c * (c + width)
+
+    return min((16, 32, CHUNK_SIZE), key=cost)
 
 
 def _fixed_length(
@@ -161,7 +179,11 @@ def _varlen(
         chunk_seg = torch.searchsorted(first_chunk, chunk_ids, right=True) - 1  # [NC]
         restarts = initial_state.index_select(0, chunk_seg)  # [NC, H, K, V]
     state0 = q.new_zeros(H, K, V)
-    o, states_out = _chunked(*(to_chunks(x) for x in (q, k, v, g, beta)), state0, starts, restarts)
+    segments = None
+    if q.device.type == "cpu":
+        init = initial_state if initial_state is not None else q.new_zeros(num_seqs, H, K, V)
+        segments = (first_chunk, seg_chunks, init)
+    o, states_out = _chunked(*(to_chunks(x) for x in (q, k, v, g, beta)), state0, starts, restarts, segments)
     # [NC, 1, H, C, V] -> padded rows [NC * C, H, V] -> packed [1, T, H, V]
     o = o.squeeze(1).transpose(1, 2).reshape(num_chunks * chunk_size, H, V).index_select(0, rows)
     final_state = states_out.index_select(0, first_chunk + seg_chunks - 1).view(num_seqs, H, K, V)
@@ -177,12 +199,14 @@ def _chunked(
     state0: torch.Tensor,
     starts: torch.Tensor | None = None,
     restarts: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked recurrence over [NC, Bc, H, C, *] inputs (q already scaled).
 
     state0: [Bc*H, K, V], the state entering chunk 0. starts: [NC] bool, chunks whose incoming state is reset to
-    restarts [NC, H, K, V] (zeros when None; Bc == 1 then). Returns o [NC, Bc, H, C, V] and the state after
-    each chunk [NC, Bc*H, K, V].
+    restarts [NC, H, K, V] (zeros when None; Bc == 1 then). segments (CPU, Bc == 1): (first chunk [N], chunks
+    [N], initial state [N, H, K, V]) of each segment, to scan all segments at once. Returns o
+    [NC, Bc, H, C, V] and the state after each chunk [NC, Bc*H, K, V].
     """
     num_chunks, Bc, H, C, K = q.shape
     V = v.shape[-1]
@@ -202,6 +226,11 @@ def _chunked(
     m_local = k_decayed.transpose(-1, -2) @ u  # [NC, Bc, H, K, V]
     m = m.reshape(num_chunks, Bc * H, K, K)
     m_local = m_local.reshape(num_chunks, Bc * H, K, V)
+    if segments is not None:
+        states_in, states_out = _segment_scan(m, m_local, *segments)
+        v_new = u - w @ states_in.unsqueeze(1)  # [NC, 1, H, C, V]
+        o = (q * gamma.exp()[..., None]) @ states_in.unsqueeze(1) + ((q @ k.transpose(-1, -2)) * decay) @ v_new
+        return o, states_out
     if starts is not None:
         # fold the resets into the maps: a starting chunk ignores the carried state
         keep = (~starts).view(num_chunks, 1, 1, 1)
@@ -222,3 +251,37 @@ def _chunked(
     v_new = u - w @ states_in  # [NC, Bc, H, C, V]
     o = (q * gamma.exp()[..., None]) @ states_in + ((q @ k.transpose(-1, -2)) * decay) @ v_new
     return o, states_out
+
+
+def _segment_scan(
+    m: torch.Tensor,
+    m_local: torch.Tensor,
+    first_chunk: torch.Tensor,
+    seg_chunks: torch.Tensor,
+    init: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply each segment's chunk maps in order, all segments at once (reads the longest segment on the host).
+
+    m [NC, H, K, K], m_local [NC, H, K, V]: chunk c maps S to m[c] S + m_local[c]; first_chunk, seg_chunks [N];
+    init [N, H, K, V]. Returns the state entering and leaving every chunk, each [NC, H, K, V] (chunks past the
+    last segment, pure padding, get zeros).
+    """
+    num_chunks = m.shape[0]
+    state = init
+    outs, rows = [], []
+    for j in range(int(seg_chunks.max()) if seg_chunks.numel() else 0):
+        live = seg_chunks > j  # [N]
+        idx = (first_chunk + j).clamp_max(num_chunks - 1)
+        state = torch.where(live[:, None, None, None], m[idx] @ state + m_local[idx], state)
+        outs.append(state)
+        # a finished segment writes to the spare row num_chunks, dropped below
+        rows.append(torch.where(live, first_chunk + j, num_chunks))
+    states_out = m_local.new_zeros(num_chunks + 1, *m_local.shape[1:])
+    if outs:
+        states_out = states_out.index_copy(0, torch.cat(rows), torch.cat(outs))
+    states_out = states_out[:num_chunks]
+    is_first = torch.zeros(num_chunks, dtype=torch.bool, device=m.device).index_fill(0, first_chunk, True)
+    chunk_seg = (torch.searchsorted(first_chunk, torch.arange(num_chunks, device=m.device), right=True) - 1)
+    states_in = torch.cat([states_out[:1] * 0, states_out[:-1]])
+    states_in = torch.where(is_first[:, None, None, None], init.index_select(0, chunk_seg.clamp_min(0)), states_in)
+    return states_in, states_out
