@@ -1,9 +1,10 @@
 """Time our Triton chunk_gated_delta_rule against flash-linear-attention's, side by side, on one GPU.
 
-Usage (GPU machine, fla importable, its Hopper guard lifted for timing as shared/bench/peer_fla.py shows):
+Usage (GPU machine, flash-linear-attention 0.6.0 importable; for timing only, lift its guard that refuses the
+gated backward on Hopper with Triton 3.4-3.7.0 in fla/ops/common/chunk_o.py, as scripts/bench_model.py does):
     python3 scripts/bench_kernels.py [SHAPE_NAME ...] [--breakdown]
-Median of CUDA-event timings (triton.testing.do_bench) after warmup, bf16 inputs as in peer_fla.py. Prints a
-table with our/fla ratios (with --breakdown also the time of each of our kernels) and writes JSON to
+Median of CUDA-event timings (triton.testing.do_bench) after warmup, bf16 inputs (normalised keys, logsigmoid
+decays). Prints a table with our/fla ratios (with --breakdown also the time of each of our kernels) and writes JSON to
 $OUT/bench_kernels.json.
 """
 from __future__ import annotations

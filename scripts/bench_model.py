@@ -1,6 +1,6 @@
 """One training step (forward, backward, fused AdamW) of our MoM-340M / GDN-340M next to fla's, on one GPU.
 
-Same work as /work/shared/bench/peer_fla.py (8 x 2048 tokens, bf16 autocast, fused AdamW, median of CUDA-event
+Same work as the fla peer benchmark (8 x 2048 tokens, bf16 autocast, fused AdamW, median of CUDA-event
 timings), in one process so the numbers sit side by side: fixed-length batches and the same tokens as
 packed documents (cu_seqlens, same generator as the peer script). Prints a table and writes
 $OUT/bench_model.json (or --out). One of our steps runs under torch.cuda.set_sync_debug_mode("error") to show
@@ -52,7 +52,7 @@ def timeit(fn, warmup: int, iters: int) -> float:
 
 
 def make_batch(vocab_size: int, B: int, T: int, packed: bool, device: str) -> dict:
-    """Random tokens [B, T], or the same count packed as documents of random lengths (peer_fla.py's generator)."""
+    """Random tokens [B, T], or the same count packed as documents of random lengths (the fla peer benchmark's generator)."""
     torch.manual_seed(0)
     if not packed:
         ids = torch.randint(0, vocab_size, (B, T), device=device)
