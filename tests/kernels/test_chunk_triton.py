@@ -6,13 +6,13 @@ it, so the kernel cases run in one child process (TRITON_INTERPRET=1) that print
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_in_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,11 +33,7 @@ TOL = {"float32": 1e-4, "float16": 1e-2}
 
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))

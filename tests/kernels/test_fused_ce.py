@@ -6,15 +6,13 @@ a child process (this file run as a script) that prints relative errors as JSON.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mom_train.kernels.fused_ce import fused_linear_cross_entropy, fused_loss_fn
+from tests.kernels.interpreter import run_in_interpreter
 
 # name: (N, D, V, chunk_rows, fraction of ignored targets)
 CASES = {
@@ -93,10 +91,7 @@ def test_bad_inputs_name_the_problem():
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("name", list(TRITON_CASES))

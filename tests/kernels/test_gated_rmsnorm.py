@@ -6,14 +6,12 @@ file run as a script) that prints relative errors as JSON; each parametrised tes
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mom_train.kernels.gated_rmsnorm import gated_rmsnorm, naive_gated_rmsnorm
+from tests.kernels.interpreter import run_in_interpreter
 
 # name: (shape of x and gate, dtype, strided gate)
 CASES = {
@@ -80,10 +78,7 @@ def _run_poisoned_case() -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES) + ["poisoned-3-programs"])

@@ -7,14 +7,12 @@ errors as JSON; each parametrised test checks its own case.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mom_train.kernels.short_conv import naive_short_conv, short_conv, short_conv_step
+from tests.kernels.interpreter import run_in_interpreter
 
 # name: (lengths of the packed segments, or (B, T) for a padded batch, C, W, state, activation, dtype,
 #        x a column slice of a wider buffer)
@@ -98,10 +96,7 @@ def _run_launch_case(lengths, C, W) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES) + list(LAUNCH_CASES))
