@@ -74,6 +74,9 @@ class ModelConfig:
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"
     # mom token mixer implementation: fused varlen buffer (fast) or per-memory loop (reference)
     mom_impl: Literal["fast", "reference"] = "fast"
+    # fast path's k/v/beta/a projections: one GEMM over every (token, stream) then a gather (dense), or a
+    # grouped GEMM over each stream's rows of the buffer (grouped: fewer FLOPs, needs torch._grouped_mm)
+    mom_projection: Literal["dense", "grouped"] = "dense"
 
 
 @dataclass

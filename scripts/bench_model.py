@@ -115,11 +115,11 @@ def bench_model(name: str, build, B: int, T: int, packed: bool, args, check_sync
     return result
 
 
-def our_builder(config: str, fused_ce: bool):
+def our_builder(config: str, fused_ce: bool, overrides: tuple[str, ...] = ()):
     from mom_train.config import load_config
     from mom_train.model import build_model
 
-    cfg = load_config(REPO / "configs" / config, ["model.kernel_backend=triton", "model.mom_impl=fast"])
+    cfg = load_config(REPO / "configs" / config, ["model.kernel_backend=triton", "model.mom_impl=fast", *overrides])
 
     def build():
         with torch.device("cuda"):
@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--no-fused-ce", action="store_true", help="keep the model's own loss_fn")
     parser.add_argument("--kernels", action="store_true", help="also time the fused kernels against torch")
+    parser.add_argument("--mom-projection", nargs="+", default=["dense", "grouped"], choices=["dense", "grouped"],
+                        help="our MoM's k/v/beta/a GEMM variants to time (model.mom_projection)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_model.json"))
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -263,8 +265,10 @@ def main() -> None:
     todo = []
     if "ours" not in args.skip:
         fused = not args.no_fused_ce
-        todo += [("ours MoM-340M", "mom", lambda: our_builder("mom_340m.yaml", fused)),
-                 ("ours GatedDeltaNet-340M", "gdn", lambda: our_builder("gdn_340m.yaml", fused))]
+        for projection in args.mom_projection:
+            todo.append((f"ours MoM-340M ({projection} k/v GEMM)", "mom",
+                         lambda p=projection: our_builder("mom_340m.yaml", fused, (f"model.mom_projection={p}",))))
+        todo.append(("ours GatedDeltaNet-340M", "gdn", lambda: our_builder("gdn_340m.yaml", fused)))
     if "fla" not in args.skip:
         todo += [("fla MoM-340M", "mom", lambda: fla_builders()["mom"]),
                  ("fla GatedDeltaNet-340M", "gdn", lambda: fla_builders()["gdn"])]

@@ -44,6 +44,10 @@ class ShortConvolution(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.reset_parameters()
 
+    def runs_triton(self, x: torch.Tensor) -> bool:
+        """Whether this conv runs the Triton kernel for x (then `conv_chunk_gated_delta_rule` can fuse it)."""
+        return x.is_cuda and self.backend != "torch" and self.bias is None and self.activation == "silu"
+
     def reset_parameters(self) -> None:
         # nn.Conv1d's default for a depthwise kernel: fan_in = kernel_size
         bound = 1.0 / math.sqrt(self.kernel_size)

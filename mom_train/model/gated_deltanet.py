@@ -102,6 +102,12 @@ class GatedDeltaNet(nn.Module):
         self.o_proj = make_linear(value_dim, D, kind="row")
         self.reset_parameters()
 
+    def _conv_fused_training(self, x: torch.Tensor, cache: RecurrentState | None, use_cache: bool) -> bool:
+        """Training on the Triton path: short conv and delta rule run as one function keeping only conv inputs."""
+        return (self.use_short_conv and cache is None and not use_cache and torch.is_grad_enabled()
+                and self.kernel_backend != "torch"
+                and all(conv.runs_triton(x) for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d)))
+
     def reset_parameters(self) -> None:
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.a_proj, self.g_proj, self.o_proj):
             nn.init.xavier_uniform_(linear.weight, gain=LINEAR_INIT_GAIN)
@@ -122,6 +128,21 @@ class GatedDeltaNet(nn.Module):
         states [N, C, W-1], N = B or len(cu_seqlens) - 1); the call continues from it."""
         conv_states = cache.conv if cache is not None and self.use_short_conv else (None, None, None)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # [B, T, H] fp32 log decay and write strength
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = self.b_proj(x).sigmoid()
+        if self._conv_fused_training(x, cache, use_cache):
+            # training: short conv and delta rule as one function that keeps only the conv inputs
+            from mom_train.kernels.gated_delta_rule.conv_chunk import conv_chunk_gated_delta_rule
+
+            B, T, _ = x.shape
+            if cu_seqlens is None:
+                cu_seqlens = torch.arange(B + 1, device=x.device, dtype=torch.int32) * T
+            o = conv_chunk_gated_delta_rule(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                            (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight),
+                                            g.flatten(0, 1), beta.flatten(0, 1), cu_seqlens, self.head_k_dim)
+            o = self.o_norm(o.view(B, T, -1, self.head_v_dim), self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
+            return self.o_proj(o.flatten(-2)), None, {}
         if self.use_short_conv:
             q, conv_q = self.q_conv1d(q, cu_seqlens, conv_states[0], use_cache)
             k, conv_k = self.k_conv1d(k, cu_seqlens, conv_states[1], use_cache)
@@ -132,9 +153,6 @@ class GatedDeltaNet(nn.Module):
         q = q.unflatten(-1, (-1, self.head_k_dim))
         k = k.unflatten(-1, (-1, self.head_k_dim))
         v = v.unflatten(-1, (-1, self.head_v_dim))
-        # [B, T, H] fp32 log decay and write strength
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        beta = self.b_proj(x).sigmoid()
         initial_state = cache.recurrent if cache is not None else None
         o, state = wide_value_gated_delta_rule(q, k, v, g, beta, initial_state, use_cache, cu_seqlens,
                                                self.kernel_backend)

@@ -78,22 +78,29 @@ def build_mixer(cfg: ModelConfig, layer_idx: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)); x [B, T, D]."""
+    """Pre-norm block over the residual stream r: r = r + mixer(norm(r)), then r = r + mlp(norm(r)).
+
+    Written in the fused form: the block takes the previous branch output h and the stream r before it is
+    added, and returns its own last branch output and the stream, so every add sits in the next norm's kernel:
+        x, r = add_and_norm(h, r); h = mixer(x); x, r = add_and_norm(h, r); h = mlp(x).
+    h, r [B, T, D]; r is None before the first block (h is then the embedding, which starts the stream).
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, backend=cfg.kernel_backend)
         self.mixer = build_mixer(cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, backend=cfg.kernel_backend)
         intermediate = mlp_intermediate_size(cfg.hidden_size, cfg.hidden_ratio, cfg.intermediate_size)
-        self.mlp = SwiGLU(cfg.hidden_size, intermediate, cfg.init_std)
+        self.mlp = SwiGLU(cfg.hidden_size, intermediate, cfg.init_std, backend=cfg.kernel_backend)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: object | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, object | None, dict]:
-        h, new_cache, aux = self.mixer(self.attn_norm(x), cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, new_cache, aux
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
+                cache: object | None = None, use_cache: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, object | None, dict]:
+        x, residual = self.attn_norm.add_and_norm(h, residual)
+        h, new_cache, aux = self.mixer(x, cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
+        x, residual = self.mlp_norm.add_and_norm(h, residual)
+        return self.mlp(x), residual, new_cache, aux
 
 
 class CausalLM(nn.Module):
@@ -104,7 +111,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, backend=cfg.kernel_backend)
         self.lm_head = None if cfg.tie_embeddings else make_linear(cfg.hidden_size, cfg.vocab_size, kind="column")
         # (hidden, head_weight, targets) -> (loss_sum, logits | None); a fused linear+CE can replace it
         self.loss_fn = linear_cross_entropy
@@ -147,20 +154,21 @@ class CausalLM(nn.Module):
         self._check_inputs(input_ids, cu_seqlens, labels)
         if use_cache and cache is None:
             cache = Cache(len(self.layers))
-        x = self.embed(input_ids)
+        h, residual = self.embed(input_ids), None
         aux_losses, loads = [], []
         for i, layer in enumerate(self.layers):
             state = cache[i] if cache is not None else None
             if self.activation_checkpointing and self.training and not use_cache:
-                x, new_state, aux = checkpoint(layer, x, cu_seqlens, state, use_cache, use_reentrant=False)
+                h, residual, new_state, aux = checkpoint(layer, h, residual, cu_seqlens, state, use_cache,
+                                                         use_reentrant=False)
             else:
-                x, new_state, aux = layer(x, cu_seqlens, state, use_cache)
+                h, residual, new_state, aux = layer(h, residual, cu_seqlens, state, use_cache)
             if use_cache:
                 cache[i] = new_state
             if "aux_loss" in aux:
                 aux_losses.append(aux["aux_loss"])
                 loads.append(aux["router_load"])
-        hidden = self.norm(x)
+        hidden, _ = self.norm.add_and_norm(h, residual)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else hidden.new_zeros((), dtype=torch.float32)
         out = ModelOutput(aux_loss=aux_loss, cache=cache if use_cache else None,
                           router_load=torch.stack(loads) if loads else None)

@@ -22,9 +22,11 @@ def mlp_intermediate_size(hidden_size: int, hidden_ratio: float, intermediate_si
 class SwiGLU(nn.Module):
     """y = down(silu(gate(x)) * up(x)); x [..., hidden] -> y [..., hidden]."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, init_std: float = 0.02):
+    def __init__(self, hidden_size: int, intermediate_size: int, init_std: float = 0.02, backend: str = "auto"):
         super().__init__()
         self.init_std = init_std
+        # auto/triton: the fused SwiGLU kernel on CUDA (keeps only gate and up for backward); torch: plain torch
+        self.backend = backend
         self.gate_proj = make_linear(hidden_size, intermediate_size, kind="column")
         self.up_proj = make_linear(hidden_size, intermediate_size, kind="column")
         self.down_proj = make_linear(intermediate_size, hidden_size, kind="row")
@@ -35,4 +37,9 @@ class SwiGLU(nn.Module):
             nn.init.normal_(linear.weight, 0.0, self.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if x.is_cuda and self.backend != "torch":
+            from mom_train.kernels.swiglu import swiglu
+
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)

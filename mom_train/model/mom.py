@@ -1,15 +1,16 @@
 """Mixture-of-Memories token mixer (MOM_SPEC.md): a router sends each token to top-k of E gated-delta-rule
 memories (plus one shared memory that sees every token); each memory runs over its own tokens only.
 
-Parameter layout. Routed memories' projections are stacked weights, so the fast path needs one GEMM for all
-of them: k_proj [E, H*dk, D], v_proj [E, H*dv, D], b_proj [E, H, D], a_proj [E, H, D] (3-D weights, decayed
-like linears; column-parallel over dim 1). Shared by all streams: q_proj, A_log [H], dt_bias [H], the short
-convs, g_proj, o_norm, o_proj. The shared memory has its own shared_k_proj/shared_v_proj/shared_b_proj/
-shared_a_proj linears. router [E, D] has no bias.
+Parameter layout. Every stream's k/v/beta/a projections live in one stacked weight, memory_proj [S, F, D]
+with F = H*dk + H*dv + 2H (rows k | v | b | a) and S = E (+1: the shared memory is the last stream), so the
+fast path needs one GEMM for all of them (a 3-D weight, decayed like linears). Shared by all streams:
+q_proj, A_log [H], dt_bias [H], the short convs, g_proj, o_norm, o_proj. router [E, D] has no bias.
 
 Two implementations (cfg.mom_impl) compute the same function:
-- "fast": no host syncs. One GEMM gives k/v/beta/a for every (token, stream); a memory-major buffer of
-  T*k (+T) rows (routing.build_stream_plan) gathers the routed slots and shared rows; q is projected once per
+- "fast": no host syncs. A memory-major buffer of T*k (+T) rows (routing.build_stream_plan) holds the
+  routed slots and shared rows; k/v/beta/a of its rows come from one dense GEMM over every (token, stream)
+  followed by a gather (cfg.mom_projection = "dense"), or from a grouped GEMM over each stream's contiguous
+  rows ("grouped"); q is projected once per
   token and gathered; one short-conv call per q/k/v and one gated-delta-rule call run over the buffer with its
   cu_seqlens (S*N segments, S streams, N documents); outputs are gathered back per token and mixed with the
   router weights.
@@ -31,7 +32,8 @@ from mom_train.model.conv import ShortConvolution
 from mom_train.model.gated_deltanet import LINEAR_INIT_GAIN, init_decay_params
 from mom_train.model.linear import make_linear
 from mom_train.model.norm import GatedRMSNorm
-from mom_train.model.routing import Routing, build_stream_plan, route
+from mom_train.kernels.routing import build_stream_plan_auto, combine_rows, gather_tokens, select_rows
+from mom_train.model.routing import Routing, route
 
 
 class MoMAttention(nn.Module):
@@ -53,17 +55,12 @@ class MoMAttention(nn.Module):
         self.head_k_dim = cfg.head_dim
         self.head_v_dim = int(cfg.head_dim * cfg.expand_v)
         key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
+        self.projection = cfg.mom_projection
         self.router = make_linear(D, E, kind="replicated")
         self.q_proj = make_linear(D, key_dim, kind="column")
-        self.k_proj = nn.Parameter(torch.empty(E, key_dim, D))
-        self.v_proj = nn.Parameter(torch.empty(E, value_dim, D))
-        self.b_proj = nn.Parameter(torch.empty(E, H, D))
-        self.a_proj = nn.Parameter(torch.empty(E, H, D))
-        if cfg.shared_memory:
-            self.shared_k_proj = make_linear(D, key_dim, kind="column")
-            self.shared_v_proj = make_linear(D, value_dim, kind="column")
-            self.shared_b_proj = make_linear(D, H, kind="column")
-            self.shared_a_proj = make_linear(D, H, kind="column")
+        # per stream: rows k [key_dim] | v [value_dim] | b [H] | a [H]
+        self.proj_split = (key_dim, value_dim, H, H)
+        self.memory_proj = nn.Parameter(torch.empty(E + int(cfg.shared_memory), sum(self.proj_split), D))
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.use_short_conv = cfg.use_short_conv
@@ -81,14 +78,12 @@ class MoMAttention(nn.Module):
         return self.num_memories + int(self.shared_memory)
 
     def reset_parameters(self) -> None:
-        linears = [self.router, self.q_proj, self.g_proj, self.o_proj]
-        if self.shared_memory:
-            linears += [self.shared_k_proj, self.shared_v_proj, self.shared_b_proj, self.shared_a_proj]
-        for linear in linears:
+        for linear in (self.router, self.q_proj, self.g_proj, self.o_proj):
             nn.init.xavier_uniform_(linear.weight, gain=LINEAR_INIT_GAIN)
         with torch.no_grad():
-            for stacked in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
-                for weight in stacked:
+            # each stream's k, v, b, a block like its own linear (xavier fan-out is the block's rows)
+            for stream in self.memory_proj:
+                for weight in stream.split(self.proj_split, 0):
                     nn.init.xavier_uniform_(weight, gain=LINEAR_INIT_GAIN)
         init_decay_params(self.A_log, self.dt_bias)
         if self.use_short_conv:
@@ -123,10 +118,7 @@ class MoMAttention(nn.Module):
 
     def _stream_weights(self, stream: int) -> tuple[torch.Tensor, ...]:
         """(W_k, W_v, W_b, W_a) of one stream; stream E is the shared memory."""
-        if stream < self.num_memories:
-            return self.k_proj[stream], self.v_proj[stream], self.b_proj[stream], self.a_proj[stream]
-        return (self.shared_k_proj.weight, self.shared_v_proj.weight, self.shared_b_proj.weight,
-                self.shared_a_proj.weight)
+        return self.memory_proj[stream].split(self.proj_split, 0)
 
     def _decay_and_beta(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log decay g (fp32) and write strength beta from the raw a/b projections [..., H]."""
@@ -148,22 +140,34 @@ class MoMAttention(nn.Module):
         """Memory outputs mixed per token, o [L, H, dv], from x [L, D], sync-free (see module docstring)."""
         L = x.shape[0]
         S = self.num_streams
-        plan = build_stream_plan(routing.topk_idx, cu_seqlens, self.num_memories, self.shared_memory)
-        # k/v/b/a of every (token, stream) in one GEMM, then the buffer's rows: [R, F]
-        weight = torch.cat([self.k_proj, self.v_proj, self.b_proj, self.a_proj], 1)  # [E, F, D]
-        if self.shared_memory:
-            shared = torch.cat(self._stream_weights(self.num_memories), 0)  # [F, D]
-            weight = torch.cat([weight, shared[None]], 0)
-        rows = F.linear(x, weight.flatten(0, 1)).view(L * S, -1).index_select(0, plan.src)
-        k, v, b, a = rows.split([self.k_proj.shape[1], self.v_proj.shape[1], self.b_proj.shape[1],
-                                 self.a_proj.shape[1]], -1)
+        backend = "torch" if self.kernel_backend == "torch" else "auto"
+        plan = build_stream_plan_auto(routing.topk_idx, cu_seqlens, self.num_memories, self.shared_memory, backend)
+        row_token = torch.div(plan.src, S, rounding_mode="floor")  # [R]
+        if self.projection == "grouped":
+            # each stream's rows are contiguous in the buffer: one grouped GEMM, stream s ending at offs[s]
+            num_docs = (plan.cu_seqlens.numel() - 1) // S
+            offs = plan.cu_seqlens[num_docs::num_docs]  # [S] int32
+            x_rows = gather_tokens(x, row_token, plan.dest, self.shared_memory, backend)
+            rows = grouped_linear(x_rows, self.memory_proj, offs)
+        else:
+            # k/v/b/a of every (token, stream) in one GEMM, then the buffer's rows: [R, F]
+            table = F.linear(x, self.memory_proj.flatten(0, 1)).view(L * S, -1)
+            rows = select_rows(table, plan.src, backend)
+        k, v, b, a = rows.split(self.proj_split, -1)
         # q once per token, then one copy per buffer row
-        q = self.q_proj(x).index_select(0, torch.div(plan.src, S, rounding_mode="floor"))
+        q = gather_tokens(self.q_proj(x), row_token, plan.dest, self.shared_memory, backend)
+        g, beta = self._decay_and_beta(a, b)
+        if self._conv_fused_training(x, cache, use_cache):
+            # training: the conv outputs are rebuilt in backward instead of kept
+            from mom_train.kernels.gated_delta_rule.conv_chunk import conv_chunk_gated_delta_rule
+
+            o = conv_chunk_gated_delta_rule(q, k, v, self._conv_weights(), g, beta, plan.cu_seqlens,
+                                            self.head_k_dim)
+            return self._unpermute(o, routing, plan, L), None
         conv_states = (None,) * 3
         if cache is not None and self.use_short_conv:
             conv_states = tuple(map(_to_segments, cache.conv))
         (q, k, v), new_conv = self._short_conv(q[None], k[None], v[None], plan.cu_seqlens, conv_states, use_cache)
-        g, beta = self._decay_and_beta(a, b)
         o, state = gated_delta_rule(
             q.unflatten(-1, (-1, self.head_k_dim)),
             k.unflatten(-1, (-1, self.head_k_dim)),
@@ -175,15 +179,26 @@ class MoMAttention(nn.Module):
             use_qk_l2norm_in_kernel=True,
             backend=self.kernel_backend,
         )
-        o = o[0]  # [R, H, dv]
-        # unpermute: weighted sum of each token's k routed rows, plus its shared row (the last L rows)
-        mixed = (o[plan.dest] * routing.topk_weight[:, :, None, None]).sum(1)  # [L, H, dv]
-        if self.shared_memory:
-            mixed = mixed + o[L * self.topk:]
         new_cache = None
         if use_cache:
             new_cache = RecurrentState(_from_segments(state, S), tuple(_from_segments(c, S) for c in new_conv))
-        return mixed.to(o.dtype), new_cache
+        return self._unpermute(o[0], routing, plan, L), new_cache
+
+    def _unpermute(self, o: torch.Tensor, routing: Routing, plan, L: int) -> torch.Tensor:
+        """Buffer outputs o [R, H, dv] -> per-token mix [L, H, dv]: the router-weighted sum of each token's k
+        routed rows, plus its shared row (the last L rows)."""
+        backend = "torch" if self.kernel_backend == "torch" else "auto"
+        mixed = combine_rows(o.flatten(1), plan.dest, routing.topk_weight, self.shared_memory, backend)
+        return mixed.view(L, *o.shape[1:])
+
+    def _conv_fused_training(self, x: torch.Tensor, cache: RecurrentState | None, use_cache: bool) -> bool:
+        """Training on the Triton path: short conv and delta rule run as one function keeping only conv inputs."""
+        return (self.use_short_conv and cache is None and not use_cache and torch.is_grad_enabled()
+                and self.kernel_backend != "torch"
+                and all(conv.runs_triton(x) for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d)))
+
+    def _conv_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight
 
     def _mix_reference(self, x: torch.Tensor, routing: Routing, cu_seqlens: torch.Tensor,
                        cache: RecurrentState | None, use_cache: bool) -> tuple[torch.Tensor, RecurrentState | None]:
@@ -263,6 +278,15 @@ class MoMAttention(nn.Module):
                              "returned for the same sequences")
         if self.use_short_conv and len(cache.conv) != 3:
             raise ValueError(f"MoMAttention: cache.conv holds {len(cache.conv)} states, expected 3 (q, k, v)")
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows [offs[s-1], offs[s]) of x [R, D] times weight[s] [F, D] transposed -> [R, F] (offs int32 [S],
+    non-decreasing, last = R). Under autocast both operands run in the autocast dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
 
 
 def _to_segments(state: torch.Tensor) -> torch.Tensor:

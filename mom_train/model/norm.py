@@ -1,6 +1,7 @@
 """RMSNorm and the gated RMSNorm used on the outputs of linear-attention heads.
 
-Both use torch's rms_norm (a fused kernel on GPU, fp32 accumulation inside) in the input's dtype.
+RMSNorm.forward and the torch path of GatedRMSNorm use torch's rms_norm (fp32 accumulation inside) in the
+input's dtype; the block-level residual add + norm and the gated norm have fused Triton kernels on CUDA.
 """
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight over the last dim; x [..., dim] -> y [..., dim] in x's dtype."""
+    """y = x / rms(x) * weight over the last dim; x [..., dim] -> y [..., dim] in x's dtype.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    `add_and_norm` is the pre-norm block form: it adds a branch output to the residual stream and normalises
+    the sum in one fused kernel (backend auto/triton on CUDA; torch otherwise).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
@@ -23,6 +29,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., dim] branch output, residual [..., dim] or None (first block: x starts the stream) ->
+        (normalised sum in the autocast dtype when autocast is on, else the residual's; new residual = residual
+        + x in the residual's dtype, fp32 for an fp32 stream)."""
+        from mom_train.kernels.fused_norm import add_rms_norm
+
+        out_dtype = None
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return add_rms_norm(x, residual, self.weight, self.eps, out_dtype=out_dtype,
+                            backend="torch" if self.backend == "torch" else "auto")
 
 
 class GatedRMSNorm(nn.Module):

@@ -17,43 +17,57 @@ from mom_train.kernels.gated_delta_rule.l2norm import l2norm_bwd, l2norm_fwd
 MAX_HEAD_DIM = 256
 
 
+def chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu, num_slots, use_l2):
+    """Forward launches: q, k [TT, H, K]; v [TT, H, V]; g, beta [TT, H]; cu int32 [N+1].
+    Returns (o [TT, H, V], final state | None, saved) where saved holds what `chunk_backward` needs; its
+    first two entries are the (normalised) q and k, which a caller may drop and rebuild."""
+    coff, table = chunk_tables(cu, num_slots)
+    qn, rq = l2norm_fwd(q) if use_l2 else (q, None)
+    kn, rk = l2norm_fwd(k) if use_l2 else (k, None)
+    gamma, Ai, w, u = prepare_fwd(kn, v, g, beta, cu, table)
+    h, vnew, ht = h_fwd(kn, w, u, gamma, cu, coff, num_slots, initial_state, output_final_state)
+    o = o_fwd(qn, kn, vnew, h, gamma, cu, table, scale, v.dtype)
+    return o, ht, (qn, kn, v, beta, gamma, Ai, initial_state, cu, coff, table, rq, rk)
+
+
+def chunk_backward(saved, scale, do, dht):
+    """Gradients (dq, dk, dv, dg fp32, dbeta, dh0 | None) from `chunk_forward`'s saved tensors; dq and dk are
+    with respect to the un-normalised q and k when l2norm was applied (rq, rk given)."""
+    qn, kn, v, beta, gamma, Ai, initial_state, cu, coff, table, rq, rk = saved
+    num_slots = table.shape[0]
+    do = do.contiguous()
+    w, u = wu_fwd(kn, v, beta, gamma, Ai, cu, table)
+    h, vnew, _ = h_fwd(kn, w, u, gamma, cu, coff, num_slots, initial_state, False)
+    dvl = dv_local_bwd(qn, kn, do, gamma, cu, table, scale)
+    dh, dv2, dh0 = dh_bwd(qn, kn, w, do, dvl, gamma, cu, coff, num_slots, scale,
+                          None if dht is None else dht.contiguous(), initial_state is not None)
+    dq, dka, dw, dgp = dqkw_bwd(qn, kn, vnew, h, dh, do, dv2, gamma, cu, table, scale)
+    dk, dv, dbeta, dg = wy_bwd(kn, v, beta, gamma, Ai, dw, dv2, dka, dgp, cu, table)
+    if rq is not None:
+        dq = l2norm_bwd(qn, rq, dq, normed=True)
+        dk = l2norm_bwd(kn, rk, dk, normed=True)
+    if dh0 is not None:
+        dh0 = dh0.to(initial_state.dtype)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
 class _ChunkGatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu, num_slots, use_l2):
         # q, k [TT, H, K]; v [TT, H, V]; g, beta [TT, H]; cu int32 [N+1]
-        coff, table = chunk_tables(cu, num_slots)
-        qn, rq = l2norm_fwd(q) if use_l2 else (q, None)
-        kn, rk = l2norm_fwd(k) if use_l2 else (k, None)
-        gamma, Ai, w, u = prepare_fwd(kn, v, g, beta, cu, table)
-        h, vnew, ht = h_fwd(kn, w, u, gamma, cu, coff, num_slots, initial_state, output_final_state)
-        o = o_fwd(qn, kn, vnew, h, gamma, cu, table, scale, v.dtype)
-        ctx.save_for_backward(q, k, v, beta, gamma, Ai, initial_state, cu, coff, table, rq, rk)
+        o, ht, saved = chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu, num_slots,
+                                     use_l2)
+        ctx.save_for_backward(*saved)
         ctx.scale = scale
-        ctx.use_l2 = use_l2
-        ctx.g_dtype = g.dtype
+        ctx.dtypes = (q.dtype, k.dtype, g.dtype, beta.dtype)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, gamma, Ai, initial_state, cu, coff, table, rq, rk = ctx.saved_tensors
-        num_slots = table.shape[0]
-        do = do.contiguous()
-        qn = l2norm_fwd(q)[0] if ctx.use_l2 else q
-        kn = l2norm_fwd(k)[0] if ctx.use_l2 else k
-        w, u = wu_fwd(kn, v, beta, gamma, Ai, cu, table)
-        h, vnew, _ = h_fwd(kn, w, u, gamma, cu, coff, num_slots, initial_state, False)
-        dvl = dv_local_bwd(qn, kn, do, gamma, cu, table, ctx.scale)
-        dh, dv2, dh0 = dh_bwd(qn, kn, w, do, dvl, gamma, cu, coff, num_slots, ctx.scale,
-                              None if dht is None else dht.contiguous(), initial_state is not None)
-        dq, dka, dw, dgp = dqkw_bwd(qn, kn, vnew, h, dh, do, dv2, gamma, cu, table, ctx.scale)
-        dk, dv, dbeta, dg = wy_bwd(kn, v, beta, gamma, Ai, dw, dv2, dka, dgp, cu, table)
-        if ctx.use_l2:
-            dq = l2norm_bwd(q, rq, dq)
-            dk = l2norm_bwd(k, rk, dk)
-        if dh0 is not None:
-            dh0 = dh0.to(initial_state.dtype)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(ctx.g_dtype), dbeta.to(beta.dtype), None, dh0,
+        dq, dk, dv, dg, dbeta, dh0 = chunk_backward(ctx.saved_tensors, ctx.scale, do, dht)
+        q_dtype, k_dtype, g_dtype, beta_dtype = ctx.dtypes
+        return (dq.to(q_dtype), dk.to(k_dtype), dv, dg.to(g_dtype), dbeta.to(beta_dtype), None, dh0,
                 None, None, None, None)
 
 

@@ -24,15 +24,19 @@ def _l2norm_fwd_kernel(x, y, rstd, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.
 
 
 @triton.jit
-def _l2norm_bwd_kernel(x, rstd, dy, dx, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
-    """dx = r (dy - y (y.dy)) with y = x r recomputed in fp32."""
+def _l2norm_bwd_kernel(x, rstd, dy, dx, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
+                       NORMED: tl.constexpr):
+    """dx = r (dy - y (y.dy)); x holds y itself when NORMED, else the input (y = x r recomputed in fp32)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, DP)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
     b_x = tl.load(x + o_r[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
     b_dy = tl.load(dy + o_r[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
     b_r = tl.load(rstd + o_r, mask=o_r < R, other=0.)
-    b_y = b_x * b_r[:, None]
+    if NORMED:
+        b_y = b_x
+    else:
+        b_y = b_x * b_r[:, None]
     b_dx = b_r[:, None] * (b_dy - b_y * tl.sum(b_y * b_dy, 1)[:, None])
     tl.store(dx + o_r[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
 
@@ -47,10 +51,12 @@ def l2norm_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return y, rstd
 
 
-def l2norm_bwd(x: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. x (x's dtype) given dy w.r.t. y = l2norm(x); dy any float dtype, same shape."""
+def l2norm_bwd(x: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, normed: bool = False) -> torch.Tensor:
+    """Gradient w.r.t. the input (in x's dtype) given dy w.r.t. y = l2norm(input); dy any float dtype, same
+    shape. x is the input, or the output y itself when normed=True (then the input need not be kept)."""
     D = x.shape[-1]
     R = x.numel() // D
     dx = torch.empty_like(x)
-    _l2norm_bwd_kernel[(triton.cdiv(R, BR),)](x, rstd, dy, dx, R, D=D, DP=triton.next_power_of_2(D), BR=BR)
+    _l2norm_bwd_kernel[(triton.cdiv(R, BR),)](x, rstd, dy, dx, R, D=D, DP=triton.next_power_of_2(D), BR=BR,
+                                                 NORMED=normed)
     return dx

@@ -1,0 +1,116 @@
+"""Short conv (SiLU) of q, k, v followed by the chunked gated delta rule, as one autograd function that keeps
+only the conv inputs for backward.
+
+Run separately, the conv keeps its input and the delta rule keeps the conv output: two copies of q, k and v
+per layer. Here the backward recomputes the conv outputs (three cheap memory-bound launches), so only the
+inputs stay alive. Training path only: no initial or final state (decoding and prefill use the separate
+modules). q and k are L2-normalised inside, as in the models. Value heads wider than the kernel's 256 run as
+several heads sharing q, k, g and beta (the state's value columns evolve independently).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from mom_train.kernels.gated_delta_rule.chunk import MAX_HEAD_DIM, chunk_backward, chunk_forward
+from mom_train.kernels.gated_delta_rule.chunk_fwd import BT
+from mom_train.kernels.gated_delta_rule.l2norm import l2norm_fwd
+from mom_train.kernels.short_conv.varlen import segment_index, short_conv_bwd, short_conv_fwd
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """SiLU(short conv) of x [L, C] (row stride free) -> [L, C] contiguous."""
+    return short_conv_fwd(x, weight, None, seg, pos, "silu", torch.empty(x.shape, device=x.device, dtype=x.dtype))
+
+
+def _heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+           parts: int) -> tuple[torch.Tensor, ...]:
+    """Kernel layout q, k [L, H*P, K], v [L, H*P, V/P] from conv outputs [L, H*K] / [L, H*V]."""
+    L = q.shape[0]
+    q, k = q.view(L, num_heads, -1), k.view(L, num_heads, -1)
+    if parts > 1:
+        q, k = q.repeat_interleave(parts, 1), k.repeat_interleave(parts, 1)
+    return q, k, v.view(L, num_heads * parts, -1)
+
+
+def _repeat(x: torch.Tensor, parts: int) -> torch.Tensor:
+    """Per-head [L, H] -> [L, H*P] contiguous (each head's value repeated for its P parts)."""
+    return (x.repeat_interleave(parts, 1) if parts > 1 else x).contiguous()
+
+
+def _fold(grad: torch.Tensor, parts: int) -> torch.Tensor:
+    """Sum the gradients of the P copies of a shared per-head tensor: [L, H*P, ...] -> [L, H, ...]."""
+    if parts == 1:
+        return grad
+    return grad.unflatten(1, (-1, parts)).sum(2)
+
+
+class _ConvChunkGatedDeltaRule(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q_in, k_in, v_in, w_q, w_k, w_v, g, beta, cu, num_heads, parts, scale):
+        L = q_in.shape[0]
+        seg, pos = segment_index(cu, L)
+        q, k, v = _conv(q_in, w_q, seg, pos), _conv(k_in, w_k, seg, pos), _conv(v_in, w_v, seg, pos)
+        q, k, v = _heads(q, k, v, num_heads, parts)
+        num_slots = triton.cdiv(L, BT) + cu.shape[0] - 1
+        o, _, saved = chunk_forward(q, k, v, _repeat(g, parts), _repeat(beta, parts), scale, None, False, cu,
+                                    num_slots, True)
+        # keep beta, gamma, Ai and the chunk tables; q, k, v, their normalised copies and the norms are rebuilt
+        # from the conv inputs in backward
+        ctx.save_for_backward(q_in, k_in, v_in, w_q, w_k, w_v, seg, pos, *saved[3:-2])
+        ctx.shape = (num_heads, parts, scale, cu.shape[0] - 1)
+        ctx.dtypes = (g.dtype, beta.dtype)
+        return o.view(L, num_heads, -1)
+
+    @staticmethod
+    def backward(ctx, do):
+        q_in, k_in, v_in, w_q, w_k, w_v, seg, pos, *rest = ctx.saved_tensors
+        num_heads, parts, scale, num_seqs = ctx.shape
+        L = q_in.shape[0]
+        q, k, v = _conv(q_in, w_q, seg, pos), _conv(k_in, w_k, seg, pos), _conv(v_in, w_v, seg, pos)
+        q, k, v = _heads(q, k, v, num_heads, parts)
+        qn, rq = l2norm_fwd(q)
+        kn, rk = l2norm_fwd(k)
+        del q, k
+        do = do.reshape(L, num_heads * parts, -1)
+        dq, dk, dv, dg, dbeta, _ = chunk_backward((qn, kn, v, *rest, rq, rk), scale, do, None)
+        del qn, kn
+        grads = []
+        for x, weight, dy in ((q_in, w_q, _fold(dq, parts)), (k_in, w_k, _fold(dk, parts)), (v_in, w_v, dv)):
+            dy = dy.reshape(L, -1).to(x.dtype)
+            dx, dweight, _ = short_conv_bwd(x, weight, None, seg, pos, "silu", dy, torch.empty_like(dy), num_seqs,
+                                            need_dstate=False)
+            grads.append((dx, dweight.to(weight.dtype)))
+        g_dtype, beta_dtype = ctx.dtypes
+        (dq_in, dw_q), (dk_in, dw_k), (dv_in, dw_v) = grads
+        return (dq_in, dk_in, dv_in, dw_q, dw_k, dw_v, _fold(dg, parts).to(g_dtype),
+                _fold(dbeta, parts).to(beta_dtype), None, None, None, None)
+
+
+def conv_chunk_gated_delta_rule(
+    q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
+    conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    g: torch.Tensor, beta: torch.Tensor, cu_seqlens: torch.Tensor, head_k_dim: int,
+    scale: float | None = None, max_head_v_dim: int = MAX_HEAD_DIM,
+) -> torch.Tensor:
+    """o [L, H, V] = gated delta rule (q, k L2-normalised) over q = SiLU(conv(q_in)), k, v likewise.
+
+    q_in, k_in [L, H*K], v_in [L, H*V]: packed rows, unit channel stride (row stride free, e.g. column
+    slices of one projection buffer); conv_weights: [C, W] each for q, k, v; g (log decay, fp32) and beta
+    [L, H]; cu_seqlens int32 [N+1] (empty segments allowed). Value heads wider than max_head_v_dim run as
+    equal parts of at most that width. Differentiable in every tensor input.
+    """
+    L, key_dim = q_in.shape
+    num_heads = g.shape[1]
+    V = v_in.shape[1] // num_heads
+    parts = -(-V // max_head_v_dim)
+    if V % parts or key_dim != num_heads * head_k_dim or k_in.shape != q_in.shape:
+        raise ValueError(f"conv_chunk_gated_delta_rule: q_in {tuple(q_in.shape)}, k_in {tuple(k_in.shape)}, "
+                         f"v_in {tuple(v_in.shape)} do not split into {num_heads} heads of K={head_k_dim} and a "
+                         f"value width that divides into parts of at most {MAX_HEAD_DIM}")
+    if scale is None:
+        scale = head_k_dim ** -0.5
+    cu = cu_seqlens.to(device=q_in.device, dtype=torch.int32).contiguous()
+    return _ConvChunkGatedDeltaRule.apply(q_in, k_in, v_in, *(w.contiguous() for w in conv_weights), g, beta, cu,
+                                          num_heads, parts, float(scale))
