@@ -19,7 +19,7 @@ from mom_train.kernels import gated_delta_rule
 from mom_train.model.cache import RecurrentState
 from mom_train.model.conv import ShortConvolution
 from mom_train.model.linear import make_linear
-from mom_train.model.norm import GatedRMSNorm
+from mom_train.model.norm import GatedRMSNorm, gated_norm_linear
 
 # xavier-uniform gain of the reference linear-attention layers
 LINEAR_INIT_GAIN = 2 ** -2.5
@@ -141,8 +141,8 @@ class GatedDeltaNet(nn.Module):
             o = conv_chunk_gated_delta_rule(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
                                             (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight),
                                             g.flatten(0, 1), beta.flatten(0, 1), cu_seqlens, self.head_k_dim)
-            o = self.o_norm(o.view(B, T, -1, self.head_v_dim), self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
-            return self.o_proj(o.flatten(-2)), None, {}
+            gate = self.g_proj(x).unflatten(-1, (-1, self.head_v_dim))
+            return gated_norm_linear(self.o_norm, self.o_proj, o.view(B, T, -1, self.head_v_dim), gate), None, {}
         if self.use_short_conv:
             q, conv_q = self.q_conv1d(q, cu_seqlens, conv_states[0], use_cache)
             k, conv_k = self.k_conv1d(k, cu_seqlens, conv_states[1], use_cache)
@@ -156,8 +156,7 @@ class GatedDeltaNet(nn.Module):
         initial_state = cache.recurrent if cache is not None else None
         o, state = wide_value_gated_delta_rule(q, k, v, g, beta, initial_state, use_cache, cu_seqlens,
                                                self.kernel_backend)
-        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
-        y = self.o_proj(o.flatten(-2))
+        y = gated_norm_linear(self.o_norm, self.o_proj, o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
         new_cache = None
         if use_cache:
             new_cache = RecurrentState(state, (conv_q, conv_k, conv_v) if self.use_short_conv else ())

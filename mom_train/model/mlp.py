@@ -40,6 +40,10 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if x.is_cuda and self.backend != "torch":
             from mom_train.kernels.swiglu import swiglu
+            from mom_train.model.recompute import recompute_in_backward
 
-            return self.down_proj(swiglu(gate, up))
+            # the product (down_proj's saved input) is rebuilt from gate and up in backward, not kept
+            hidden = swiglu(gate, up)
+            with recompute_in_backward(hidden, lambda: swiglu(gate, up)):
+                return self.down_proj(hidden)
         return self.down_proj(F.silu(gate) * up)

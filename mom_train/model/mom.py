@@ -1,9 +1,9 @@
 """Mixture-of-Memories token mixer (MOM_SPEC.md): a router sends each token to top-k of E gated-delta-rule
 memories (plus one shared memory that sees every token); each memory runs over its own tokens only.
 
-Parameter layout. Every stream's k/v/beta/a projections live in one stacked weight, memory_proj [S, F, D]
-with F = H*dk + H*dv + 2H (rows k | v | b | a) and S = E (+1: the shared memory is the last stream), so the
-fast path needs one GEMM for all of them (a 3-D weight, decayed like linears). Shared by all streams:
+Parameter layout. Every stream's projections live in two stacked weights (S = E, +1 with the shared memory,
+which is the last stream): memory_kv_proj [S, H*dk + H*dv, D] (rows k | v) and memory_ba_proj [S, 2H, D]
+(rows b | a), so the fast path needs one GEMM per stack for all streams (3-D weights, decayed like linears). Shared by all streams:
 q_proj, A_log [H], dt_bias [H], the short convs, g_proj, o_norm, o_proj. router [E, D] has no bias.
 
 Two implementations (cfg.mom_impl) compute the same function:
@@ -31,7 +31,8 @@ from mom_train.model.cache import RecurrentState
 from mom_train.model.conv import ShortConvolution
 from mom_train.model.gated_deltanet import LINEAR_INIT_GAIN, init_decay_params
 from mom_train.model.linear import make_linear
-from mom_train.model.norm import GatedRMSNorm
+from mom_train.model.norm import GatedRMSNorm, gated_norm_linear
+from mom_train.model.recompute import recompute_in_backward
 from mom_train.kernels.routing import build_stream_plan_auto, combine_rows, gather_tokens, select_rows
 from mom_train.model.routing import Routing, route
 
@@ -58,9 +59,11 @@ class MoMAttention(nn.Module):
         self.projection = cfg.mom_projection
         self.router = make_linear(D, E, kind="replicated")
         self.q_proj = make_linear(D, key_dim, kind="column")
-        # per stream: rows k [key_dim] | v [value_dim] | b [H] | a [H]
-        self.proj_split = (key_dim, value_dim, H, H)
-        self.memory_proj = nn.Parameter(torch.empty(E + int(cfg.shared_memory), sum(self.proj_split), D))
+        # per stream: k [key_dim] | v [value_dim] rows, and b [H] | a [H] rows
+        self.key_dim, self.value_dim = key_dim, value_dim
+        num_streams = E + int(cfg.shared_memory)
+        self.memory_kv_proj = nn.Parameter(torch.empty(num_streams, key_dim + value_dim, D))
+        self.memory_ba_proj = nn.Parameter(torch.empty(num_streams, 2 * H, D))
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.use_short_conv = cfg.use_short_conv
@@ -82,8 +85,8 @@ class MoMAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight, gain=LINEAR_INIT_GAIN)
         with torch.no_grad():
             # each stream's k, v, b, a block like its own linear (xavier fan-out is the block's rows)
-            for stream in self.memory_proj:
-                for weight in stream.split(self.proj_split, 0):
+            for stream in range(self.num_streams):
+                for weight in self._stream_weights(stream):
                     nn.init.xavier_uniform_(weight, gain=LINEAR_INIT_GAIN)
         init_decay_params(self.A_log, self.dt_bias)
         if self.use_short_conv:
@@ -112,13 +115,15 @@ class MoMAttention(nn.Module):
         routing = route(self.router(x), self.topk)
         mix = self._mix_fast if self.impl == "fast" else self._mix_reference
         o, new_cache = mix(x, routing, cu_seqlens, cache, use_cache)  # [L, H, dv]
-        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
-        y = self.o_proj(o.flatten(-2)).view(B, T, -1)
+        y = gated_norm_linear(self.o_norm, self.o_proj, o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
+        y = y.view(B, T, -1)
         return y, new_cache, {"aux_loss": routing.aux_loss, "router_load": routing.load}
 
     def _stream_weights(self, stream: int) -> tuple[torch.Tensor, ...]:
         """(W_k, W_v, W_b, W_a) of one stream; stream E is the shared memory."""
-        return self.memory_proj[stream].split(self.proj_split, 0)
+        H = self.A_log.shape[0]
+        return (*self.memory_kv_proj[stream].split([self.key_dim, self.value_dim], 0),
+                *self.memory_ba_proj[stream].split([H, H], 0))
 
     def _decay_and_beta(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log decay g (fp32) and write strength beta from the raw a/b projections [..., H]."""
@@ -143,27 +148,38 @@ class MoMAttention(nn.Module):
         backend = "torch" if self.kernel_backend == "torch" else "auto"
         plan = build_stream_plan_auto(routing.topk_idx, cu_seqlens, self.num_memories, self.shared_memory, backend)
         row_token = torch.div(plan.src, S, rounding_mode="floor")  # [R]
+
+        def to_rows(t: torch.Tensor) -> torch.Tensor:
+            """Per-token rows [L, F] -> one copy per buffer row [R, F]."""
+            return gather_tokens(t, row_token, plan.dest, self.shared_memory, backend)
+
         if self.projection == "grouped":
-            # each stream's rows are contiguous in the buffer: one grouped GEMM, stream s ending at offs[s]
+            # each stream's rows are contiguous in the buffer: grouped GEMMs, stream s ending at offs[s]; the
+            # gathered input is rebuilt from x in backward instead of kept
             num_docs = (plan.cu_seqlens.numel() - 1) // S
             offs = plan.cu_seqlens[num_docs::num_docs]  # [S] int32
-            x_rows = gather_tokens(x, row_token, plan.dest, self.shared_memory, backend)
-            rows = grouped_linear(x_rows, self.memory_proj, offs)
+            x_rows = to_rows(x)
+            with recompute_in_backward(x_rows, lambda: to_rows(x)):
+                kv = grouped_linear(x_rows, self.memory_kv_proj, offs)  # [R, key_dim + value_dim]
+                ba = grouped_linear(x_rows, self.memory_ba_proj, offs)  # [R, 2H]
         else:
-            # k/v/b/a of every (token, stream) in one GEMM, then the buffer's rows: [R, F]
-            table = F.linear(x, self.memory_proj.flatten(0, 1)).view(L * S, -1)
-            rows = select_rows(table, plan.src, backend)
-        k, v, b, a = rows.split(self.proj_split, -1)
-        # q once per token, then one copy per buffer row
-        q = gather_tokens(self.q_proj(x), row_token, plan.dest, self.shared_memory, backend)
+            # k/v and b/a of every (token, stream) in one GEMM each, then the buffer's rows
+            kv = select_rows(F.linear(x, self.memory_kv_proj.flatten(0, 1)).view(L * S, -1), plan.src, backend)
+            ba = select_rows(F.linear(x, self.memory_ba_proj.flatten(0, 1)).view(L * S, -1), plan.src, backend)
+        b, a = ba.chunk(2, -1)
         g, beta = self._decay_and_beta(a, b)
+        # q once per token, then one copy per buffer row
+        q_tokens = self.q_proj(x)
+        q = to_rows(q_tokens)
         if self._conv_fused_training(x, cache, use_cache):
-            # training: the conv outputs are rebuilt in backward instead of kept
+            # training: conv outputs and the gathered q are rebuilt in backward instead of kept
             from mom_train.kernels.gated_delta_rule.conv_chunk import conv_chunk_gated_delta_rule
 
-            o = conv_chunk_gated_delta_rule(q, k, v, self._conv_weights(), g, beta, plan.cu_seqlens,
-                                            self.head_k_dim)
+            with recompute_in_backward(q, lambda: to_rows(q_tokens)):
+                o = conv_chunk_gated_delta_rule(q, None, None, self._conv_weights(), g, beta, plan.cu_seqlens,
+                                                self.head_k_dim, kv_in=kv)
             return self._unpermute(o, routing, plan, L), None
+        k, v = kv.split([self.key_dim, self.value_dim], -1)
         conv_states = (None,) * 3
         if cache is not None and self.use_short_conv:
             conv_states = tuple(map(_to_segments, cache.conv))

@@ -65,3 +65,19 @@ class GatedRMSNorm(nn.Module):
 
             return gated_rmsnorm(x, gate.to(x.dtype), self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps) * F.silu(gate.to(x.dtype))
+
+
+def gated_norm_linear(norm: GatedRMSNorm, linear: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """linear(norm(x, gate) with the head dims flattened): x, gate [..., H, dv] -> [..., out_features].
+
+    On the fused CUDA path the norm output (the linear's saved input) is rebuilt from x and gate in backward
+    instead of kept; x and gate are kept by the norm anyway.
+    """
+    flat = norm(x, gate).flatten(-2)
+    if not (x.is_cuda and norm.backend != "torch"):
+        return linear(flat)
+    from mom_train.model.recompute import recompute_in_backward
+
+    with recompute_in_backward(flat, lambda: norm(x, gate).flatten(-2)):
+        return linear(flat)
+

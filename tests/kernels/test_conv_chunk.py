@@ -13,11 +13,13 @@ import torch
 
 from tests.kernels.interpreter import run_in_interpreter
 
-# name: (segment lengths, heads, K, V, value part width, slices of one buffer)
+# name: (segment lengths, heads, K, V, value part width, layout): inputs as separate tensors, as column slices
+# of one buffer, or with k and v passed together as one kv_in tensor
 CASES = {
-    "varlen_1_63_0_65": ([1, 63, 0, 65], 2, 16, 16, 256, False),
-    "split_value_heads": ([40, 25], 2, 16, 32, 16, False),
-    "buffer_slices_130": ([130], 1, 32, 16, 256, True),
+    "varlen_1_63_0_65": ([1, 63, 0, 65], 2, 16, 16, 256, "separate"),
+    "split_value_heads": ([40, 25], 2, 16, 32, 16, "separate"),
+    "buffer_slices_130": ([130], 1, 32, 16, 256, "slices"),
+    "joined_kv_varlen": ([3, 0, 70, 1], 2, 16, 32, 256, "joined"),
 }
 FIELDS = ["o", "dq_in", "dk_in", "dv_in", "dw_q", "dw_k", "dw_v", "dg", "dbeta"]
 TOL = 1e-4
@@ -41,14 +43,14 @@ def _reference(q_in, k_in, v_in, weights, g, beta, cu, H, K):
     return o[0]
 
 
-def _run_case(lengths, H, K, V, part, sliced) -> dict[str, float]:
+def _run_case(lengths, H, K, V, part, layout) -> dict[str, float]:
     from mom_train.kernels.gated_delta_rule.conv_chunk import conv_chunk_gated_delta_rule
 
     gen = torch.Generator().manual_seed(len(lengths) * 7 + V)
     L = sum(lengths)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     widths = (H * K, H * K, H * V)
-    if sliced:
+    if layout == "slices":
         base = torch.randn(L, sum(widths) + 3, generator=gen)
         inputs = list(base.split(list(widths) + [3], 1)[:3])
     else:
@@ -58,9 +60,16 @@ def _run_case(lengths, H, K, V, part, sliced) -> dict[str, float]:
     beta = torch.rand(L, H, generator=gen)
     do = torch.randn(L, H, V, generator=gen)
     leaves = [x.clone().requires_grad_() for x in inputs + weights + [g, beta]]
-    o = conv_chunk_gated_delta_rule(*leaves[:3], tuple(leaves[3:6]), leaves[6], leaves[7], cu, K,
-                                    max_head_v_dim=part)
-    grads = torch.autograd.grad((o * do).sum(), leaves)
+    if layout == "joined":
+        kv = torch.cat(leaves[1:3], 1).detach().requires_grad_()
+        o = conv_chunk_gated_delta_rule(leaves[0], None, None, tuple(leaves[3:6]), leaves[6], leaves[7], cu, K,
+                                        max_head_v_dim=part, kv_in=kv)
+        grads = list(torch.autograd.grad((o * do).sum(), [leaves[0], kv] + leaves[3:]))
+        grads[1:2] = grads[1].split([H * K, H * V], 1)
+    else:
+        o = conv_chunk_gated_delta_rule(*leaves[:3], tuple(leaves[3:6]), leaves[6], leaves[7], cu, K,
+                                        max_head_v_dim=part)
+        grads = torch.autograd.grad((o * do).sum(), leaves)
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     ref_o = _reference(*ref_leaves[:3], ref_leaves[3:6], ref_leaves[6], ref_leaves[7], cu, H, K)
     ref_grads = torch.autograd.grad((ref_o * do.double()).sum(), ref_leaves)

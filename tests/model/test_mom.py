@@ -90,8 +90,8 @@ def test_fast_matches_reference_packed(case, projection):
         assert rel_err(grads[name], grad_ref) < 1e-4, name
     # a memory without tokens gets no gradient in its projections
     key_dim = cfg.num_heads * cfg.head_dim
-    assert grads["memory_proj"][cfg.num_memories - 1, :key_dim].abs().max() == 0
-    assert grads["memory_proj"][0, :key_dim].abs().max() > 0
+    assert grads["memory_kv_proj"][cfg.num_memories - 1, :key_dim].abs().max() == 0
+    assert grads["memory_kv_proj"][0, :key_dim].abs().max() > 0
 
 
 def test_fast_matches_reference_padded_batch():
@@ -138,7 +138,7 @@ def test_fast_path_is_sync_free_on_meta():
         (y.sum() + aux["aux_loss"]).backward()
         assert cache.recurrent.shape == (4, 5, 2, 8, 8)
         assert all(c.shape == (4, 5, 16, 3) for c in cache.conv)
-        assert layer.memory_proj.grad.shape == layer.memory_proj.shape
+        assert layer.memory_kv_proj.grad.shape == layer.memory_kv_proj.shape
         # the reference path syncs (it reads cu_seqlens on the host), so the check can tell them apart
         layer.impl = "reference"
         with pytest.raises((NotImplementedError, RuntimeError)):
@@ -149,8 +149,8 @@ def test_single_memory_equals_gated_deltanet():
     cfg = make_cfg(num_memories=1, topk=1, shared=False, head_dim=16)
     mom, gdn = MoMAttention(cfg), GatedDeltaNet(cfg)
     with torch.no_grad():
-        mom.memory_proj[0].copy_(torch.cat([getattr(gdn, name).weight
-                                            for name in ("k_proj", "v_proj", "b_proj", "a_proj")]))
+        mom.memory_kv_proj[0].copy_(torch.cat([gdn.k_proj.weight, gdn.v_proj.weight]))
+        mom.memory_ba_proj[0].copy_(torch.cat([gdn.b_proj.weight, gdn.a_proj.weight]))
         for name in ("q_proj", "g_proj", "o_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm"):
             getattr(mom, name).load_state_dict(getattr(gdn, name).state_dict())
         mom.A_log.copy_(gdn.A_log)

@@ -19,7 +19,7 @@ def test_param_groups_decay_matrices_and_embeddings_only(tmp_path):
     decay, no_decay = groups[0]["names"], groups[1]["names"]
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert "embed.weight" in decay
-    assert any(n.endswith("mixer.memory_proj") for n in decay) and any(n.endswith("router.weight") for n in decay)
+    assert any(n.endswith("mixer.memory_kv_proj") for n in decay) and any(n.endswith("router.weight") for n in decay)
     for name in no_decay:
         assert name.endswith(("A_log", "dt_bias", "bias")) or "norm" in name, name
     assert any(n.endswith("A_log") for n in no_decay) and any(n.endswith("dt_bias") for n in no_decay)

@@ -48,8 +48,11 @@ def _fold(grad: torch.Tensor, parts: int) -> torch.Tensor:
 class _ConvChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q_in, k_in, v_in, w_q, w_k, w_v, g, beta, cu, num_heads, parts, scale):
+    def forward(ctx, q_in, k_in, v_in, kv_in, w_q, w_k, w_v, g, beta, cu, num_heads, parts, scale):
+        # k and v come as two tensors, or as column blocks of one kv_in (then backward writes one gradient)
         L = q_in.shape[0]
+        if kv_in is not None:
+            k_in, v_in = kv_in[:, :q_in.shape[1]], kv_in[:, q_in.shape[1]:]
         seg, pos = segment_index(cu, L)
         q, k, v = _conv(q_in, w_q, seg, pos), _conv(k_in, w_k, seg, pos), _conv(v_in, w_v, seg, pos)
         q, k, v = _heads(q, k, v, num_heads, parts)
@@ -58,7 +61,9 @@ class _ConvChunkGatedDeltaRule(torch.autograd.Function):
                                     num_slots, True)
         # keep beta, gamma, Ai and the chunk tables; q, k, v, their normalised copies and the norms are rebuilt
         # from the conv inputs in backward
-        ctx.save_for_backward(q_in, k_in, v_in, w_q, w_k, w_v, seg, pos, *saved[3:-2])
+        ctx.kv_joined = kv_in is not None
+        ctx.save_for_backward(q_in, *((kv_in, kv_in) if kv_in is not None else (k_in, v_in)), w_q, w_k, w_v,
+                              seg, pos, *saved[3:-2])
         ctx.shape = (num_heads, parts, scale, cu.shape[0] - 1)
         ctx.dtypes = (g.dtype, beta.dtype)
         return o.view(L, num_heads, -1)
@@ -67,7 +72,12 @@ class _ConvChunkGatedDeltaRule(torch.autograd.Function):
     def backward(ctx, do):
         q_in, k_in, v_in, w_q, w_k, w_v, seg, pos, *rest = ctx.saved_tensors
         num_heads, parts, scale, num_seqs = ctx.shape
-        L = q_in.shape[0]
+        L, key_dim = q_in.shape
+        d_kv = None
+        if ctx.kv_joined:
+            kv_in = k_in
+            k_in, v_in = kv_in[:, :key_dim], kv_in[:, key_dim:]
+            d_kv = torch.empty(kv_in.shape, device=kv_in.device, dtype=kv_in.dtype)
         q, k, v = _conv(q_in, w_q, seg, pos), _conv(k_in, w_k, seg, pos), _conv(v_in, w_v, seg, pos)
         q, k, v = _heads(q, k, v, num_heads, parts)
         qn, rq = l2norm_fwd(q)
@@ -77,22 +87,28 @@ class _ConvChunkGatedDeltaRule(torch.autograd.Function):
         dq, dk, dv, dg, dbeta, _ = chunk_backward((qn, kn, v, *rest, rq, rk), scale, do, None)
         del qn, kn
         grads = []
-        for x, weight, dy in ((q_in, w_q, _fold(dq, parts)), (k_in, w_k, _fold(dk, parts)), (v_in, w_v, dv)):
+        for i, (x, weight, dy) in enumerate(((q_in, w_q, _fold(dq, parts)), (k_in, w_k, _fold(dk, parts)),
+                                             (v_in, w_v, dv))):
             dy = dy.reshape(L, -1).to(x.dtype)
-            dx, dweight, _ = short_conv_bwd(x, weight, None, seg, pos, "silu", dy, torch.empty_like(dy), num_seqs,
-                                            need_dstate=False)
+            if d_kv is not None and i > 0:
+                dx = d_kv[:, :key_dim] if i == 1 else d_kv[:, key_dim:]
+            else:
+                dx = torch.empty_like(dy)
+            dx, dweight, _ = short_conv_bwd(x, weight, None, seg, pos, "silu", dy, dx, num_seqs, need_dstate=False)
             grads.append((dx, dweight.to(weight.dtype)))
         g_dtype, beta_dtype = ctx.dtypes
         (dq_in, dw_q), (dk_in, dw_k), (dv_in, dw_v) = grads
-        return (dq_in, dk_in, dv_in, dw_q, dw_k, dw_v, _fold(dg, parts).to(g_dtype),
+        if d_kv is not None:
+            dk_in = dv_in = None
+        return (dq_in, dk_in, dv_in, d_kv, dw_q, dw_k, dw_v, _fold(dg, parts).to(g_dtype),
                 _fold(dbeta, parts).to(beta_dtype), None, None, None, None)
 
 
 def conv_chunk_gated_delta_rule(
-    q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
+    q_in: torch.Tensor, k_in: torch.Tensor | None, v_in: torch.Tensor | None,
     conv_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     g: torch.Tensor, beta: torch.Tensor, cu_seqlens: torch.Tensor, head_k_dim: int,
-    scale: float | None = None, max_head_v_dim: int = MAX_HEAD_DIM,
+    scale: float | None = None, max_head_v_dim: int = MAX_HEAD_DIM, kv_in: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o [L, H, V] = gated delta rule (q, k L2-normalised) over q = SiLU(conv(q_in)), k, v likewise.
 
@@ -100,7 +116,13 @@ def conv_chunk_gated_delta_rule(
     slices of one projection buffer); conv_weights: [C, W] each for q, k, v; g (log decay, fp32) and beta
     [L, H]; cu_seqlens int32 [N+1] (empty segments allowed). Value heads wider than max_head_v_dim run as
     equal parts of at most that width. Differentiable in every tensor input.
+    kv_in [L, H*K + H*V]: k and v as the column blocks of one tensor instead (pass k_in = v_in = None); its
+    gradient is then one tensor too, so no concatenation of the two gradients follows in autograd.
     """
+    if kv_in is not None:
+        if k_in is not None or v_in is not None:
+            raise ValueError("conv_chunk_gated_delta_rule: pass k_in and v_in, or kv_in, not both")
+        k_in, v_in = kv_in[:, :q_in.shape[1]], kv_in[:, q_in.shape[1]:]
     L, key_dim = q_in.shape
     num_heads = g.shape[1]
     V = v_in.shape[1] // num_heads
@@ -112,5 +134,7 @@ def conv_chunk_gated_delta_rule(
     if scale is None:
         scale = head_k_dim ** -0.5
     cu = cu_seqlens.to(device=q_in.device, dtype=torch.int32).contiguous()
-    return _ConvChunkGatedDeltaRule.apply(q_in, k_in, v_in, *(w.contiguous() for w in conv_weights), g, beta, cu,
-                                          num_heads, parts, float(scale))
+    if kv_in is not None:
+        k_in = v_in = None
+    return _ConvChunkGatedDeltaRule.apply(q_in, k_in, v_in, kv_in, *(w.contiguous() for w in conv_weights), g,
+                                          beta, cu, num_heads, parts, float(scale))
