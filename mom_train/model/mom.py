@@ -10,7 +10,7 @@ Two implementations (cfg.mom_impl) compute the same function:
 - "fast": no host syncs. A memory-major buffer of T*k (+T) rows (routing.build_stream_plan) holds the
   routed slots and shared rows; k/v/beta/a of its rows come from one dense GEMM over every (token, stream)
   followed by a gather (cfg.mom_projection = "dense"), or from a grouped GEMM over each stream's contiguous
-  rows ("grouped"); q is projected once per
+  rows ("grouped"; b/a, 2H columns per stream, always take the dense route); q is projected once per
   token and gathered; one short-conv call per q/k/v and one gated-delta-rule call run over the buffer with its
   cu_seqlens (S*N segments, S streams, N documents); outputs are gathered back per token and mixed with the
   router weights.
@@ -161,11 +161,11 @@ class MoMAttention(nn.Module):
             x_rows = to_rows(x)
             with recompute_in_backward(x_rows, lambda: to_rows(x)):
                 kv = grouped_linear(x_rows, self.memory_kv_proj, offs)  # [R, key_dim + value_dim]
-                ba = grouped_linear(x_rows, self.memory_ba_proj, offs)  # [R, 2H]
         else:
-            # k/v and b/a of every (token, stream) in one GEMM each, then the buffer's rows
+            # k/v of every (token, stream) in one GEMM, then the buffer's rows
             kv = select_rows(F.linear(x, self.memory_kv_proj.flatten(0, 1)).view(L * S, -1), plan.src, backend)
-            ba = select_rows(F.linear(x, self.memory_ba_proj.flatten(0, 1)).view(L * S, -1), plan.src, backend)
+        # b/a are 2H columns per stream: one small dense GEMM over every (token, stream), then the rows
+        ba = select_rows(F.linear(x, self.memory_ba_proj.flatten(0, 1)).view(L * S, -1), plan.src, backend)
         b, a = ba.chunk(2, -1)
         g, beta = self._decay_and_beta(a, b)
         # q once per token, then one copy per buffer row

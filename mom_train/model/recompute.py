@@ -28,25 +28,32 @@ class _Rebuild:
             return self.fn()
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype and a.device == b.device)
-
-
 @contextmanager
 def recompute_in_backward(tensor: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> Iterator[None]:
-    """Inside the block, every op that saves `tensor` for backward saves a recipe instead; backward calls
-    `rebuild()` (no grad) to get it back. Other saved tensors are kept as usual."""
+    """Inside the block, every op that saves `tensor` (or a view of its memory, e.g. the 2-D view a linear
+    takes of a 3-D input) for backward saves a recipe instead; backward calls `rebuild()` (no grad), which
+    must return a contiguous tensor like `tensor`, and takes the same view of it. Other saved tensors are
+    kept as usual. `tensor` must be contiguous."""
     if not torch.is_grad_enabled():
         yield
         return
+    if not tensor.is_contiguous():
+        raise ValueError("recompute_in_backward: the tensor must be contiguous so its views can be rebuilt")
     placeholder = _Rebuild(rebuild)
+    storage = tensor.untyped_storage().data_ptr()
+    base_offset = tensor.storage_offset()
 
     def pack(saved: torch.Tensor):
-        return placeholder if _same_tensor(saved, tensor) else saved
+        if saved.dtype == tensor.dtype and saved.untyped_storage().data_ptr() == storage:
+            return placeholder, tuple(saved.shape), saved.stride(), saved.storage_offset() - base_offset
+        return saved
 
     def unpack(packed):
-        return packed() if packed is placeholder else packed
+        if isinstance(packed, tuple) and packed[0] is placeholder:
+            _, shape, stride, offset = packed
+            rebuilt = placeholder()
+            return rebuilt.as_strided(shape, stride, rebuilt.storage_offset() + offset)
+        return packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

@@ -255,9 +255,11 @@ def test_triton_backend_matches_torch_backend(arch: str):
         model.zero_grad()
         out = model(ids, cu_seqlens=cu, labels=ids)
         out.loss.backward()
-        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
-    (logits, grads), (logits_t, grads_t) = results
-    assert rel_err(logits_t, logits) < 2e-3
+        # training on CUDA uses the fused head + cross entropy, so there are no logits to compare: the loss
+        # and every gradient are
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (loss_t, grads_t) = results
+    assert rel_err(loss_t, loss) < 1e-4
     for g, g_t in zip(grads, grads_t):
         assert rel_err(g_t, g) < 2e-3
 

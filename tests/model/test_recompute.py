@@ -38,3 +38,21 @@ def test_no_grad_block_is_a_no_op():
     x = torch.randn(3)
     with torch.no_grad(), recompute_in_backward(x, lambda: x):
         assert torch.equal(x * 2, 2 * x)
+
+
+def test_views_of_the_tensor_are_rebuilt_too():
+    # a linear on a 3-D input saves a 2-D view of it: that view must be rebuilt as well
+    lin = torch.nn.Linear(4, 3)
+    h = torch.randn(2, 5, 4, requires_grad=True)
+    y = h.tanh()
+    calls = []
+    with recompute_in_backward(y, lambda: (calls.append(1), h.detach().tanh())[1]):
+        out = lin(y)
+    out.square().sum().backward()
+    assert calls == [1]
+    ref = torch.nn.Linear(4, 3)
+    ref.load_state_dict(lin.state_dict())
+    ref_h = h.detach().clone().requires_grad_()
+    ref(ref_h.tanh()).square().sum().backward()
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=0, atol=0)
