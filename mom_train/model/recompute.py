@@ -40,11 +40,11 @@ def recompute_in_backward(tensor: torch.Tensor, rebuild: Callable[[], torch.Tens
     if not tensor.is_contiguous():
         raise ValueError("recompute_in_backward: the tensor must be contiguous so its views can be rebuilt")
     placeholder = _Rebuild(rebuild)
-    storage = tensor.untyped_storage().data_ptr()
-    base_offset = tensor.storage_offset()
+    # autograd keeps these hooks as long as the graph: they must hold plain values, not the tensor
+    storage, dtype, base_offset = tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.storage_offset()
 
     def pack(saved: torch.Tensor):
-        if saved.dtype == tensor.dtype and saved.untyped_storage().data_ptr() == storage:
+        if saved.dtype == dtype and saved.untyped_storage().data_ptr() == storage:
             return placeholder, tuple(saved.shape), saved.stride(), saved.storage_offset() - base_offset
         return saved
 

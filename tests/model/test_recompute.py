@@ -56,3 +56,21 @@ def test_views_of_the_tensor_are_rebuilt_too():
     ref(ref_h.tanh()).square().sum().backward()
     torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=0, atol=0)
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=0, atol=0)
+
+
+def test_the_rebuilt_tensor_is_freed_after_forward():
+    # nothing may keep the tensor alive once forward is done: only the recipe stays with the graph
+    import gc
+    import weakref
+
+    x = torch.randn(64, 64, requires_grad=True)
+    w = torch.randn(64, 64, requires_grad=True)
+    y = x.exp()
+    ref = weakref.ref(y)
+    with recompute_in_backward(y, lambda: x.detach().exp()):
+        out = y @ w
+    del y
+    gc.collect()
+    assert ref() is None
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, x.detach().exp().t() @ torch.ones(64, 64))
