@@ -22,6 +22,9 @@ CASES = {
     "varlen_1_63_64_65_empty_130_h0_l2": dict(lengths=[1, 63, 64, 65, 0, 130], H=2, K=32, V=16, h0=True, l2=True,
                                               final=True),
     "fixed_T64_h0_nofinal_scale": dict(B=1, T=64, H=2, K=32, V=32, h0=True, l2=False, final=False, scale=0.3),
+    # decays this steep push the in-chunk cumsum past fp32's exp range; partial last chunks pad with gamma 0
+    "steep_decay_partial_chunks": dict(lengths=[55, 0, 70], H=2, K=16, V=16, h0=False, l2=True, final=True,
+                                       g_scale=25.0),
     # half-precision operands, fp32 accumulation and states
     "fp16_varlen_65_1_h0_l2": dict(lengths=[65, 1], H=2, K=16, V=16, h0=True, l2=True, final=True,
                                    dtype="float16"),

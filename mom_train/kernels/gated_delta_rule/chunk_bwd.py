@@ -34,7 +34,8 @@ def _dv_local_kernel(q, k, do, gamma, dvl, cu, table, scale, H: tl.constexpr, K:
         b_qt = tl.load(q + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         b_kq += tl.dot(b_k, b_qt, input_precision=DOT_PREC)
     b_gam = tl.load(gamma + t * H + i_h, mask=m_t, other=0.)
-    m_up = r[:, None] <= r[None, :]
+    # valid columns only: a padded column's gamma (0) minus a valid one could overflow exp
+    m_up = (r[:, None] <= r[None, :]) & m_t[None, :]
     b_pt = tl.where(m_up, b_kq * tl.exp(tl.where(m_up, b_gam[None, :] - b_gam[:, None], 0.)), 0.) * scale
     o_v = i_v * BV + tl.arange(0, BV)
     m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -145,9 +146,9 @@ def _dqkw_kernel(q, k, vnew, h, dh, do, dv2, gamma, dq, dk, dw, dgp, cu, table, 
     m_tk = m_t[:, None] & m_k[None, :]
     b_q = tl.load(q + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
     b_k = tl.load(k + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-    m_lo = r[:, None] >= r[None, :]
+    m_lo = (r[:, None] >= r[None, :]) & m_t[:, None]
     b_dp = tl.where(m_lo, b_dp * tl.exp(tl.where(m_lo, b_gam[:, None] - b_gam[None, :], 0.)), 0.) * scale
-    m_up = r[:, None] <= r[None, :]
+    m_up = (r[:, None] <= r[None, :]) & m_t[None, :]
     b_dpt = tl.where(m_up, b_dpt * tl.exp(tl.where(m_up, b_gam[None, :] - b_gam[:, None], 0.)), 0.) * scale
     b_dq = b_dq * (tl.exp(b_gam) * scale)[:, None] + tl.dot(b_dp.to(dt), b_k, input_precision=DOT_PREC)
     b_dks = b_dks * tl.exp(tl.where(m_t, b_gl - b_gam, 0.))[:, None]
@@ -218,8 +219,8 @@ def _wy_bwd_kernel(k, v, beta, gamma, Ai, dw, du, dka, dgp, dk, dv, dbeta, dg, c
     b_dA = -tl.dot(tl.dot(b_tt, b_dT, input_precision=DOT_PREC), b_tt, input_precision=DOT_PREC)
     b_t = tl.load(Ai + (t * H + i_h)[:, None] * 64 + r[None, :], mask=m_t[:, None], other=0.)
     b_dAt = -tl.dot(tl.dot(b_t, b_dTt, input_precision=DOT_PREC), b_t, input_precision=DOT_PREC)
-    m_lo = r[:, None] > r[None, :]
-    m_up = r[:, None] < r[None, :]
+    m_lo = (r[:, None] > r[None, :]) & m_t[:, None]
+    m_up = (r[:, None] < r[None, :]) & m_t[None, :]
     b_decay = tl.exp(tl.where(m_lo, b_gam[:, None] - b_gam[None, :], 0.))
     b_dA = tl.where(m_lo, b_dA * b_decay, 0.)
     # M + M^T with M[i, j] = dA_ij exp(gamma_i - gamma_j) beta_i (i > j)

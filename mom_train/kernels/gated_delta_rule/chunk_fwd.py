@@ -73,7 +73,8 @@ def _kkt_body(k, g, beta, gamma, A, bos, eos, i_h, H: tl.constexpr, K: tl.conste
         b_k = tl.load(k + (t * H + i_h)[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_kt = tl.load(k + (t * H + i_h)[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         b_kk += tl.dot(b_k, b_kt, input_precision=DOT_PREC)
-    m_lo = r[:, None] > r[None, :]
+    # valid rows only: a padded row's gamma (0) minus a valid one could overflow exp
+    m_lo = (r[:, None] > r[None, :]) & m_t[:, None]
     b_decay = tl.exp(tl.where(m_lo, b_gam[:, None] - b_gam[None, :], 0.))
     b_a = tl.where(m_lo, b_kk * b_decay * b_beta[:, None], 0.)
     tl.store(A + (t * H + i_h)[:, None] * 64 + r[None, :], b_a, mask=m_t[:, None])
@@ -278,7 +279,7 @@ def _o_fwd_kernel(q, k, vnew, h, gamma, o, cu, table, scale, H: tl.constexpr, K:
         b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
         b_p += tl.dot(b_q, b_kt, input_precision=DOT_PREC)
     b_gam = tl.load(gamma + t * H + i_h, mask=m_t, other=0.)
-    m_lo = r[:, None] >= r[None, :]
+    m_lo = (r[:, None] >= r[None, :]) & m_t[:, None]
     b_p = tl.where(m_lo, b_p * tl.exp(tl.where(m_lo, b_gam[:, None] - b_gam[None, :], 0.)), 0.)
     m_tv = m_t[:, None] & m_v[None, :]
     b_vn = tl.load(vnew + (t * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
