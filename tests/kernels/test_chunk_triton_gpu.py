@@ -16,6 +16,9 @@ CASES = {
                                                  l2=True, final=True),
     "B1_T300_H2_K64_V128_nofinal": dict(B=1, T=300, H=2, K=64, V=128, h0=False, l2=False, final=False,
                                         scale=0.2),
+    # in-chunk cumulative decays far past fp32's exp range, partial last chunks
+    "steep_decay_varlen_55_0_70_H4_K256": dict(lengths=[55, 0, 70, 600], H=4, K=256, V=256, h0=False, l2=True,
+                                               final=True, g_scale=25.0),
 }
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 
