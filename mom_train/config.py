@@ -74,9 +74,10 @@ class ModelConfig:
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"
     # mom token mixer implementation: fused varlen buffer (fast) or per-memory loop (reference)
     mom_impl: Literal["fast", "reference"] = "fast"
-    # fast path's k/v/beta/a projections: one GEMM over every (token, stream) then a gather (dense), or a
-    # grouped GEMM over each stream's rows of the buffer (grouped: fewer FLOPs, needs torch._grouped_mm)
-    mom_projection: Literal["dense", "grouped"] = "dense"
+    # fast path's k/v projections: one GEMM over every (token, stream) then a gather (dense), or a grouped GEMM
+    # over each stream's rows of the buffer (grouped: 3/5 of the FLOPs for top-2 of 4 + shared; torch's grouped
+    # GEMM kernel needs Hopper); auto: grouped on CUDA GPUs of compute capability >= 9.0, dense elsewhere
+    mom_projection: Literal["auto", "dense", "grouped"] = "auto"
 
 
 @dataclass

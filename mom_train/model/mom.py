@@ -3,17 +3,19 @@ memories (plus one shared memory that sees every token); each memory runs over i
 
 Parameter layout. Every stream's projections live in two stacked weights (S = E, +1 with the shared memory,
 which is the last stream): memory_kv_proj [S, H*dk + H*dv, D] (rows k | v) and memory_ba_proj [S, 2H, D]
-(rows b | a), so the fast path needs one GEMM per stack for all streams (3-D weights, decayed like linears). Shared by all streams:
-q_proj, A_log [H], dt_bias [H], the short convs, g_proj, o_norm, o_proj. router [E, D] has no bias.
+(rows b | a), so the fast path needs one GEMM per stack for all streams (3-D weights, decayed like linears).
+Shared by all streams: q_proj, A_log [H], dt_bias [H], the short convs, g_proj, o_norm, o_proj. router [E, D]
+has no bias.
 
 Two implementations (cfg.mom_impl) compute the same function:
-- "fast": no host syncs. A memory-major buffer of T*k (+T) rows (routing.build_stream_plan) holds the
-  routed slots and shared rows; k/v/beta/a of its rows come from one dense GEMM over every (token, stream)
-  followed by a gather (cfg.mom_projection = "dense"), or from a grouped GEMM over each stream's contiguous
-  rows ("grouped"; b/a, 2H columns per stream, always take the dense route); q is projected once per
-  token and gathered; one short-conv call per q/k/v and one gated-delta-rule call run over the buffer with its
-  cu_seqlens (S*N segments, S streams, N documents); outputs are gathered back per token and mixed with the
-  router weights.
+- "fast": no host syncs. A memory-major buffer of T*k (+T) rows (routing.build_stream_plan, Triton on CUDA)
+  holds the routed slots and shared rows. k/v of its rows come from one dense GEMM over every (token, stream)
+  followed by a row gather (cfg.mom_projection = "dense"), or from a grouped GEMM over each stream's
+  contiguous rows ("grouped", the default on Hopper); b/a (2H columns per stream) always take the dense
+  route. q is projected once per token and gathered. In training on the Triton path one function runs the
+  three short convs and the gated delta rule over the buffer with its cu_seqlens (S*N segments, S streams,
+  N documents), keeping only the conv inputs; outputs are mixed back per token with the router weights
+  (kernels/routing). Gathered rows are rebuilt in backward rather than kept (model/recompute.py).
 - "reference": the readable definition, a Python loop over streams and documents with boolean masks.
 
 Decode state (cache.RecurrentState): recurrent [N, S, H, dk, dv] fp32, conv (q, k, v) each [N, S, C, W-1],
@@ -153,7 +155,7 @@ class MoMAttention(nn.Module):
             """Per-token rows [L, F] -> one copy per buffer row [R, F]."""
             return gather_tokens(t, row_token, plan.dest, self.shared_memory, backend)
 
-        if self.projection == "grouped":
+        if self._projection(x) == "grouped":
             # each stream's rows are contiguous in the buffer: grouped GEMMs, stream s ending at offs[s]; the
             # gathered input is rebuilt from x in backward instead of kept
             num_docs = (plan.cu_seqlens.numel() - 1) // S
@@ -206,6 +208,12 @@ class MoMAttention(nn.Module):
         backend = "torch" if self.kernel_backend == "torch" else "auto"
         mixed = combine_rows(o.flatten(1), plan.dest, routing.topk_weight, self.shared_memory, backend)
         return mixed.view(L, *o.shape[1:])
+
+    def _projection(self, x: torch.Tensor) -> str:
+        """The k/v GEMM route: cfg.mom_projection, with auto = grouped on Hopper or newer GPUs, else dense."""
+        if self.projection != "auto":
+            return self.projection
+        return "grouped" if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9 else "dense"
 
     def _conv_fused_training(self, x: torch.Tensor, cache: RecurrentState | None, use_cache: bool) -> bool:
         """Training on the Triton path: short conv and delta rule run as one function keeping only conv inputs."""

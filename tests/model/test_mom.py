@@ -331,3 +331,9 @@ def test_prefill_and_decode_on_gpu(backend):
         y_full, _, _ = layer(x)
         y_step = decode_stepwise(layer, x, prefix=70)
     assert rel_err(y_step, y_full) < 1e-4
+
+
+def test_auto_projection_is_dense_off_hopper():
+    layer = MoMAttention(make_cfg(mom_projection="auto"))
+    assert layer._projection(torch.zeros(1, HIDDEN)) == "dense"
+    assert MoMAttention(make_cfg(mom_projection="grouped"))._projection(torch.zeros(1, HIDDEN)) == "grouped"
