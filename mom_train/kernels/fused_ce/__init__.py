@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from mom_train.kernels.backend import resolve_backend
 from mom_train.kernels.fused_ce.chunked import IGNORE_INDEX, _FusedLinearCrossEntropy
-
-_BACKENDS = ("auto", "triton", "torch")
 
 
 def fused_linear_cross_entropy(
@@ -30,8 +29,7 @@ def fused_linear_cross_entropy(
     if targets.shape != hidden.shape[:1] or targets.dtype != torch.long:
         raise ValueError(f"fused_linear_cross_entropy: targets must be long [N] = [{hidden.shape[0]}], got "
                          f"{targets.dtype} {tuple(targets.shape)}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"fused_linear_cross_entropy: backend={backend!r}; expected one of {_BACKENDS}")
+    use_triton = resolve_backend("fused_linear_cross_entropy", backend, hidden) == "triton"
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -39,7 +37,6 @@ def fused_linear_cross_entropy(
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if chunk_rows is None:
         chunk_rows = max(256, (2 ** 27 // weight.shape[0]) // 256 * 256)
-    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets.contiguous(), compute_dtype, chunk_rows, use_triton,
                                          torch.is_grad_enabled())
 

@@ -6,15 +6,12 @@ definition and `add_rms_norm_torch` the plain-torch fallback used on CPU.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
+from mom_train.kernels.backend import resolve_backend
 from mom_train.kernels.fused_norm.naive import naive_add_rms_norm
 
-BACKENDS = ("auto", "triton", "torch")
 # widest row the Triton kernel takes (fused.MAX_D, repeated here so that choosing needs no triton import)
 TRITON_MAX_D = 8192
 
@@ -73,24 +70,7 @@ def _check_inputs(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend that runs this input, "triton" or "torch"; raises when "triton" cannot run it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"add_rms_norm: backend={backend!r}; expected one of {BACKENDS}")
-    D = x.shape[-1]
-    if backend == "auto":
-        return "triton" if x.is_cuda and D <= TRITON_MAX_D and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise ImportError("add_rms_norm: backend='triton' needs the triton package; use backend='torch'")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"add_rms_norm: backend='triton' needs CUDA tensors, got {x.device}: use "
-                             f"backend='torch' (or 'auto') on CPU, or set TRITON_INTERPRET=1 before importing triton")
-        if D > TRITON_MAX_D:
-            raise ValueError(f"add_rms_norm: backend='triton' takes D <= {TRITON_MAX_D}, got D={D}; use 'torch'")
-    return backend
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return resolve_backend("add_rms_norm", backend, x, triton_fits=x.shape[-1] <= TRITON_MAX_D)
 
 
 __all__ = ["add_rms_norm", "add_rms_norm_torch", "naive_add_rms_norm"]

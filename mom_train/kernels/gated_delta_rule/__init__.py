@@ -11,11 +11,9 @@ The Triton kernels are imported on first call, so importing this package needs n
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
+from mom_train.kernels.backend import resolve_backend
 from mom_train.kernels.gated_delta_rule.chunk_torch import chunk_gated_delta_rule_torch
 from mom_train.kernels.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
@@ -27,7 +25,6 @@ __all__ = [
     "naive_recurrent_gated_delta_rule",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
 # inference inputs up to this many tokens go to the token-by-token kernel (decoding, short prefills)
 FUSED_RECURRENT_MAX_T = 64
 
@@ -94,25 +91,13 @@ def gated_delta_rule(
     torch otherwise). With triton, inputs of at most FUSED_RECURRENT_MAX_T tokens that need no gradient run the
     fused recurrent kernel; everything else runs the chunked kernel.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    backend = resolve_backend("gated_delta_rule", backend, q)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     if backend == "torch":
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, **kwargs)
-    if not _triton_available():
-        raise ImportError("backend='triton' needs the triton package: install it, or use backend='torch'")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors, got {q.device}: use backend='torch' (or 'auto') on "
-                         f"CPU, or set TRITON_INTERPRET=1 before importing the kernels to run the Triton interpreter")
     inputs = (q, k, v, g, beta, initial_state)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     if not needs_grad and q.shape[1] <= FUSED_RECURRENT_MAX_T:
         return fused_recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     return chunk_gated_delta_rule(q, k, v, g, beta, **kwargs)
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
-
+from mom_train.kernels.backend import resolve_backend
 
 def use_triton(backend: str, tensor: torch.Tensor, op: str) -> bool:
-    """Whether `op` runs the Triton kernel: backend "triton", or "auto" with a CUDA tensor."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend={backend!r}; expected one of {BACKENDS}")
-    return backend == "triton" or (backend == "auto" and tensor.is_cuda)
+    """Whether `op` runs the Triton kernel (see mom_train.kernels.backend)."""
+    return resolve_backend(op, backend, tensor) == "triton"
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:

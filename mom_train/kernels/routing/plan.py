@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mom_train.kernels.backend import resolve_backend
+
 if TYPE_CHECKING:
     from mom_train.model.routing import StreamPlan
 
-BACKENDS = ("auto", "triton", "torch")
 
 
 def build_stream_plan_triton(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, num_memories: int,
@@ -50,8 +51,6 @@ def build_stream_plan_auto(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, num
     `build_stream_plan` otherwise. Shapes as in `build_stream_plan_triton`."""
     from mom_train.model.routing import build_stream_plan
 
-    if backend not in BACKENDS:
-        raise ValueError(f"build_stream_plan_auto: backend={backend!r}; expected one of {BACKENDS}")
-    if backend == "triton" or (backend == "auto" and topk_idx.is_cuda):
+    if resolve_backend("build_stream_plan", backend, topk_idx) == "triton":
         return build_stream_plan_triton(topk_idx, cu_seqlens, num_memories, shared)
     return build_stream_plan(topk_idx, cu_seqlens, num_memories, shared)

@@ -5,15 +5,12 @@ Triton is imported on first use, so this package imports without a GPU; `naive_s
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
+from mom_train.kernels.backend import resolve_backend
 from mom_train.kernels.swiglu.naive import naive_swiglu
 
-BACKENDS = ("auto", "triton", "torch")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -89,21 +86,7 @@ def _rows(t: torch.Tensor, I: int) -> torch.Tensor:
 
 def _resolve_backend(backend: str, t: torch.Tensor) -> str:
     """The backend that runs this input, "triton" or "torch"; raises when "triton" cannot run it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"swiglu: backend={backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if t.is_cuda and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise ImportError("swiglu: backend='triton' needs the triton package; use backend='torch'")
-        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"swiglu: backend='triton' needs CUDA tensors, got {t.device}: use backend='torch' "
-                             f"(or 'auto') on CPU, or set TRITON_INTERPRET=1 before importing triton")
-    return backend
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return resolve_backend("swiglu", backend, t)
 
 
 __all__ = ["swiglu", "swiglu_bwd_torch", "swiglu_fwd_torch", "naive_swiglu"]
