@@ -76,7 +76,7 @@ class ModelConfig:
     mom_impl: Literal["fast", "reference"] = "fast"
     # fast path's k/v projections: one GEMM over every (token, stream) then a gather (dense), or a grouped GEMM
     # over each stream's rows of the buffer (grouped: 3/5 of the FLOPs for top-2 of 4 + shared; torch's grouped
-    # GEMM kernel needs Hopper); auto: grouped on CUDA GPUs of compute capability >= 9.0, dense elsewhere
+    # GEMM kernel needs Hopper and bf16); auto: grouped for bf16 on GPUs of compute capability >= 9.0, else dense
     mom_projection: Literal["auto", "dense", "grouped"] = "auto"
 
 

@@ -11,7 +11,7 @@ Two implementations (cfg.mom_impl) compute the same function:
 - "fast": no host syncs. A memory-major buffer of T*k (+T) rows (routing.build_stream_plan, Triton on CUDA)
   holds the routed slots and shared rows. k/v of its rows come from one dense GEMM over every (token, stream)
   followed by a row gather (cfg.mom_projection = "dense"), or from a grouped GEMM over each stream's
-  contiguous rows ("grouped", the default on Hopper); b/a (2H columns per stream) always take the dense
+  contiguous rows ("grouped", the default for bf16 on Hopper); b/a (2H columns per stream) always take the dense
   route. q is projected once per token and gathered. In training on the Triton path one function runs the
   three short convs and the gated delta rule over the buffer with its cu_seqlens (S*N segments, S streams,
   N documents), keeping only the conv inputs; outputs are mixed back per token with the router weights
@@ -210,10 +210,14 @@ class MoMAttention(nn.Module):
         return mixed.view(L, *o.shape[1:])
 
     def _projection(self, x: torch.Tensor) -> str:
-        """The k/v GEMM route: cfg.mom_projection, with auto = grouped on Hopper or newer GPUs, else dense."""
+        """The k/v GEMM route: cfg.mom_projection, with auto = grouped for bf16 GEMMs (autocast or bf16 input)
+        on Hopper or newer GPUs, where torch's grouped GEMM kernel runs; dense otherwise."""
         if self.projection != "auto":
             return self.projection
-        return "grouped" if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9 else "dense"
+        if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return "dense"
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        return "grouped" if dtype == torch.bfloat16 else "dense"
 
     def _conv_fused_training(self, x: torch.Tensor, cache: RecurrentState | None, use_cache: bool) -> bool:
         """Training on the Triton path: short conv and delta rule run as one function keeping only conv inputs."""
