@@ -11,8 +11,8 @@ Two implementations (cfg.mom_impl) compute the same function:
 - "fast": no host syncs. A memory-major buffer of T*k (+T) rows (routing.build_stream_plan, Triton on CUDA)
   holds the routed slots and shared rows. k/v of its rows come from one dense GEMM over every (token, stream)
   followed by a row gather (cfg.mom_projection = "dense"), or from a grouped GEMM over each stream's
-  contiguous rows ("grouped", the default for bf16 on Hopper); b/a (2H columns per stream) always take the dense
-  route. q is projected once per token and gathered. In training on the Triton path one function runs the
+  contiguous rows ("grouped", the default for bf16 on Hopper); b/a (2H columns per stream) always take the
+  dense route. q is projected once per token and gathered. In training on the Triton path one function runs the
   three short convs and the gated delta rule over the buffer with its cu_seqlens (S*N segments, S streams,
   N documents), keeping only the conv inputs; outputs are mixed back per token with the router weights
   (kernels/routing). Gathered rows are rebuilt in backward rather than kept (model/recompute.py).
