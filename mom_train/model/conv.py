@@ -128,3 +128,13 @@ class ShortConvolution(nn.Module):
             rows = torch.arange(starts.shape[0], device=rel.device).view(lead)
             from_state = state[rows, (rel + W - 1).clamp(0, W - 2)]
         return torch.where((rel >= 0).unsqueeze(-1), from_x, from_state)
+
+
+def conv_fuses_with_delta_rule(convs: tuple[ShortConvolution, ...], x: torch.Tensor, kernel_backend: str,
+                               has_cache: bool, use_cache: bool) -> bool:
+    """Whether a layer's q/k/v convs and its gated delta rule run as one training function
+    (`conv_chunk_gated_delta_rule`, which keeps only the conv inputs): training with gradients, no cache, the
+    Triton path for the delta rule and for every conv."""
+    return (not has_cache and not use_cache and torch.is_grad_enabled() and kernel_backend != "torch"
+            and all(conv.runs_triton(x) for conv in convs))
+

@@ -30,7 +30,7 @@ from torch import nn
 from mom_train.config import ModelConfig
 from mom_train.kernels import gated_delta_rule
 from mom_train.model.cache import RecurrentState
-from mom_train.model.conv import ShortConvolution
+from mom_train.model.conv import ShortConvolution, conv_fuses_with_delta_rule
 from mom_train.model.gated_deltanet import LINEAR_INIT_GAIN, init_decay_params
 from mom_train.model.linear import make_linear
 from mom_train.model.norm import GatedRMSNorm, gated_norm_linear
@@ -220,10 +220,9 @@ class MoMAttention(nn.Module):
         return "grouped" if dtype == torch.bfloat16 else "dense"
 
     def _conv_fused_training(self, x: torch.Tensor, cache: RecurrentState | None, use_cache: bool) -> bool:
-        """Training on the Triton path: short conv and delta rule run as one function keeping only conv inputs."""
-        return (self.use_short_conv and cache is None and not use_cache and torch.is_grad_enabled()
-                and self.kernel_backend != "torch"
-                and all(conv.runs_triton(x) for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d)))
+        """Training on the Triton path: short convs and delta rule run as one function keeping only conv inputs."""
+        return self.use_short_conv and conv_fuses_with_delta_rule(
+            (self.q_conv1d, self.k_conv1d, self.v_conv1d), x, self.kernel_backend, cache is not None, use_cache)
 
     def _conv_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight

@@ -201,7 +201,8 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | 
     # the first W-1 dz of each segment feed the state gradient and, with a state, part of dweight
     head = W > 1 and (has_state or need_dstate)
     dz = torch.empty(L, C, device=x.device, dtype=dy.dtype)
-    dz_head = x.new_zeros(num_seqs, max(W - 1, 1), C, dtype=torch.float32)
+    # only the state gradient reads it; otherwise dz stands in for the unused pointer
+    dz_head = x.new_zeros(num_seqs, W - 1, C, dtype=torch.float32) if head else dz
     align = _row_align(x, dy)
     _short_conv_dz_kernel[(triton.cdiv(L, BT), triton.cdiv(C, BC))](
         x, weight, state if has_state else x, pos, seg, dy, dz, dz_head, L, C,
@@ -218,7 +219,6 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | 
     dstate = None
     if head:
         # taps that read the state: output p of a segment reads slot i = p + j (needs p + j < W-1)
-        dz_head = dz_head[:, :W - 1]  # [N, W-1 (p), C]
         slot_taps = _state_taps(W, x.device)  # [W-1 (p), W-1 (i), W (j)] one-hot of j = i - p
         # two-operand contractions only, so no [N, W-1, W-1, W, C] intermediate appears
         slot_weight = torch.einsum("pij,cj->pic", slot_taps, weight.float())  # [W-1, W-1, C]
