@@ -28,8 +28,14 @@ CASES = {
     "packed-bf16": ([17, 63, 0, 48], 16, 4, True, "silu", "bfloat16", False),
     "batch-strided-x": ((2, 33), 9, 4, True, "silu", "float32", True),
 }
-# the launchers called directly: NaN-poisoned outputs, several row blocks per backward program
-LAUNCH_CASES = {"poisoned-num_sub4": ([1, 70, 0, 5, 67, 1], 20, 4)}
+# the launchers called directly: NaN-poisoned outputs, several row blocks per backward program, and each head
+# of norm_dim channels L2-normalised after the activation (a width that is not a power of two, too)
+# name: (segment lengths, C, W, norm_dim)
+LAUNCH_CASES = {
+    "poisoned-num_sub4": ([1, 70, 0, 5, 67, 1], 20, 4, None),
+    "l2norm-heads-of-8": ([1, 63, 0, 65, 2], 24, 4, 8),
+    "l2norm-heads-of-12": ([500, 1, 3], 36, 4, 12),
+}
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
@@ -75,7 +81,13 @@ def _run_case(layout, C, W, with_state, activation, dtype_name, strided) -> dict
     return errs
 
 
-def _run_launch_case(lengths, C, W) -> dict[str, float]:
+def _l2norm_heads(y: torch.Tensor, norm_dim: int) -> torch.Tensor:
+    """Each group of norm_dim channels of y [..., C] scaled to unit L2 norm (eps 1e-6 under the root)."""
+    heads = y.unflatten(-1, (-1, norm_dim))
+    return (heads * torch.rsqrt(heads.square().sum(-1, keepdim=True) + 1e-6)).flatten(-2)
+
+
+def _run_launch_case(lengths, C, W, norm_dim) -> dict[str, float]:
     from mom_train.kernels.short_conv.varlen import segment_index, short_conv_bwd, short_conv_fwd
 
     x, w, cu, state, _ = _inputs(lengths, C, W, True, torch.float32, seed=2)
@@ -83,12 +95,14 @@ def _run_launch_case(lengths, C, W) -> dict[str, float]:
     seg, pos = segment_index(cu, x2.shape[0])
     y = torch.full_like(x2, float("nan"))
     state_t = state.detach().transpose(1, 2).contiguous()  # the launchers take [N, W-1, C]
-    short_conv_fwd(x2, w.detach(), state_t, seg, pos, "silu", y)
+    short_conv_fwd(x2, w.detach(), state_t, seg, pos, "silu", y, norm_dim=norm_dim)
     dy = torch.randn_like(x2)
     dx = torch.full_like(x2, float("nan"))
     dx, dweight, dstate = short_conv_bwd(x2, w.detach(), state_t, seg, pos, "silu", dy, dx,
-                                         len(lengths), num_sub=4)
+                                         len(lengths), num_sub=4, norm_dim=norm_dim)
     ref_y, _ = naive_short_conv(x, w, cu, state)
+    if norm_dim is not None:
+        ref_y = _l2norm_heads(ref_y, norm_dim)
     ref = torch.autograd.grad((ref_y[0] * dy).sum(), (x, w, state))
     return {"y": _rel(y, ref_y[0]), "dx": _rel(dx, ref[0][0]), "dweight": _rel(dweight, ref[1]),
             "dstate": _rel(dstate.transpose(1, 2), ref[2])}

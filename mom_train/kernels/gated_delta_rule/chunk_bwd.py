@@ -285,7 +285,7 @@ def dh_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor, 
     dh = torch.empty(num_slots, H, K, V, device=q.device, dtype=q.dtype)
     dv2 = torch.empty(TT, H, V, device=q.device, dtype=q.dtype)
     dh0 = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if need_dh0 else None
-    cfg = config or seq_config(K, V, q.dtype, backward=True)
+    cfg = config or seq_config(K, V, q.dtype, backward=True, device=q.device)
     grid = (triton.cdiv(V, cfg["BV"]), N * H)
     _dh_bwd_kernel[grid](q, k, w, do, dvl, gamma, dh, dv2, dht, dh0, cu, coff, scale, H=H, K=K, V=V,
                          KP=triton.next_power_of_2(K), HAS_DHT=dht is not None, STORE_DH0=need_dh0,

@@ -3,9 +3,10 @@ only the conv inputs for backward.
 
 Run separately, the conv keeps its input and the delta rule keeps the conv output: two copies of q, k and v
 per layer. Here the backward recomputes the conv outputs (three cheap memory-bound launches), so only the
-inputs stay alive. Training path only: no initial or final state (decoding and prefill use the separate
-modules). q and k are L2-normalised inside, as in the models. Value heads wider than the kernel's 256 run as
-several heads sharing q, k, g and beta (the state's value columns evolve independently).
+inputs stay alive. q and k are L2-normalised per head inside the conv kernels (forward and backward), so no
+separate norm pass reads them again. Training path only: no initial or final state (decoding and prefill
+use the separate modules). Value heads wider than the kernel's 256 run as several heads sharing q, k, g and
+beta (the state's value columns evolve independently).
 """
 from __future__ import annotations
 
@@ -14,13 +15,21 @@ import triton
 
 from mom_train.kernels.gated_delta_rule.chunk import MAX_HEAD_DIM, chunk_backward, chunk_forward
 from mom_train.kernels.gated_delta_rule.chunk_fwd import BT
-from mom_train.kernels.gated_delta_rule.l2norm import l2norm_fwd
 from mom_train.kernels.short_conv.varlen import segment_index, short_conv_bwd, short_conv_fwd
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """SiLU(short conv) of x [L, C] (row stride free) -> [L, C] contiguous."""
-    return short_conv_fwd(x, weight, None, seg, pos, "silu", torch.empty(x.shape, device=x.device, dtype=x.dtype))
+def _conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
+          norm_dim: int | None = None) -> torch.Tensor:
+    """SiLU(short conv) of x [L, C] (row stride free) -> [L, C] contiguous; each head of norm_dim channels
+    L2-normalised when norm_dim is given."""
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    return short_conv_fwd(x, weight, None, seg, pos, "silu", y, norm_dim=norm_dim)
+
+
+def _conv_qkv(q_in, k_in, v_in, w_q, w_k, w_v, seg, pos, head_k_dim):
+    """Conv outputs: q and k L2-normalised per head (in the conv kernel), v as is; each [L, C]."""
+    return (_conv(q_in, w_q, seg, pos, head_k_dim), _conv(k_in, w_k, seg, pos, head_k_dim),
+            _conv(v_in, w_v, seg, pos))
 
 
 def _heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
@@ -54,13 +63,13 @@ class _ConvChunkGatedDeltaRule(torch.autograd.Function):
         if kv_in is not None:
             k_in, v_in = kv_in[:, :q_in.shape[1]], kv_in[:, q_in.shape[1]:]
         seg, pos = segment_index(cu, L)
-        q, k, v = _conv(q_in, w_q, seg, pos), _conv(k_in, w_k, seg, pos), _conv(v_in, w_v, seg, pos)
-        q, k, v = _heads(q, k, v, num_heads, parts)
+        head_k_dim = q_in.shape[1] // num_heads
+        q, k, v = _heads(*_conv_qkv(q_in, k_in, v_in, w_q, w_k, w_v, seg, pos, head_k_dim), num_heads, parts)
         num_slots = triton.cdiv(L, BT) + cu.shape[0] - 1
         o, _, saved = chunk_forward(q, k, v, _repeat(g, parts), _repeat(beta, parts), scale, None, False, cu,
-                                    num_slots, True)
-        # keep beta, gamma, Ai and the chunk tables; q, k, v, their normalised copies and the norms are rebuilt
-        # from the conv inputs in backward
+                                    num_slots, False)
+        # keep beta, gamma, Ai and the chunk tables; the normalised q, k and v are rebuilt from the conv inputs
+        # in backward
         ctx.kv_joined = kv_in is not None
         ctx.save_for_backward(q_in, *((kv_in, kv_in) if kv_in is not None else (k_in, v_in)), w_q, w_k, w_v,
                               seg, pos, *saved[3:-2])
@@ -78,13 +87,11 @@ class _ConvChunkGatedDeltaRule(torch.autograd.Function):
             kv_in = k_in
             k_in, v_in = kv_in[:, :key_dim], kv_in[:, key_dim:]
             d_kv = torch.empty(kv_in.shape, device=kv_in.device, dtype=kv_in.dtype)
-        q, k, v = _conv(q_in, w_q, seg, pos), _conv(k_in, w_k, seg, pos), _conv(v_in, w_v, seg, pos)
-        q, k, v = _heads(q, k, v, num_heads, parts)
-        qn, rq = l2norm_fwd(q)
-        kn, rk = l2norm_fwd(k)
-        del q, k
+        head_k_dim = key_dim // num_heads
+        qn, kn, v = _heads(*_conv_qkv(q_in, k_in, v_in, w_q, w_k, w_v, seg, pos, head_k_dim), num_heads, parts)
         do = do.reshape(L, num_heads * parts, -1)
-        dq, dk, dv, dg, dbeta, _ = chunk_backward((qn, kn, v, *rest, rq, rk), scale, do, None)
+        # dq, dk: gradients of the normalised q, k (the conv backward goes through the norm)
+        dq, dk, dv, dg, dbeta, _ = chunk_backward((qn, kn, v, *rest, None, None), scale, do, None)
         del qn, kn
         grads = []
         for i, (x, weight, dy) in enumerate(((q_in, w_q, _fold(dq, parts)), (k_in, w_k, _fold(dk, parts)),
@@ -94,7 +101,8 @@ class _ConvChunkGatedDeltaRule(torch.autograd.Function):
                 dx = d_kv[:, :key_dim] if i == 1 else d_kv[:, key_dim:]
             else:
                 dx = torch.empty_like(dy)
-            dx, dweight, _ = short_conv_bwd(x, weight, None, seg, pos, "silu", dy, dx, num_seqs, need_dstate=False)
+            dx, dweight, _ = short_conv_bwd(x, weight, None, seg, pos, "silu", dy, dx, num_seqs, need_dstate=False,
+                                            norm_dim=head_k_dim if i < 2 else None)
             grads.append((dx, dweight.to(weight.dtype)))
         g_dtype, beta_dtype = ctx.dtypes
         (dq_in, dw_q), (dk_in, dw_k), (dv_in, dw_v) = grads
