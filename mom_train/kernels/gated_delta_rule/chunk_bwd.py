@@ -295,8 +295,9 @@ def dh_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor, 
 
 def dqkw_bwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tensor, dh: torch.Tensor,
              do: torch.Tensor, dv2: torch.Tensor, gamma: torch.Tensor, cu: torch.Tensor, table: torch.Tensor,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk (output side) [TT, H, K] fp32, dW [TT, H, K] in q's dtype, d gamma shares [NK, TT, H] fp32."""
+             scale: float, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk (output side) [TT, H, K] fp32, dW [TT, H, K] in q's dtype, d gamma shares [NK, TT, H] fp32.
+    config overrides the launch (BV, num_warps, num_stages) for tuning."""
     TT, H, K = q.shape
     V = do.shape[-1]
     BK = min(64, triton.next_power_of_2(K))
@@ -306,24 +307,25 @@ def dqkw_bwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tens
     dw = torch.empty_like(q)
     dgp = torch.empty(NK, TT, H, device=q.device, dtype=torch.float32)
     grid = (table.shape[0], H, NK)
+    cfg = {"BV": min(64, triton.next_power_of_2(V)), **launch_config(q.dtype, 8), **(config or {})}
     _dqkw_kernel[grid](q, k, vnew, h, dh, do, dv2, gamma, dq, dk, dw, dgp, cu, table, scale, TT, H=H, K=K, V=V,
-                       BK=BK, BV=min(64, triton.next_power_of_2(V)), DOT_PREC=dot_precision(q.dtype),
-                       **launch_config(q.dtype, 8))
+                       BK=BK, DOT_PREC=dot_precision(q.dtype), **cfg)
     return dq, dk, dw, dgp
 
 
 def wy_bwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor, Ai: torch.Tensor,
            dw: torch.Tensor, dv2: torch.Tensor, dka: torch.Tensor, dgp: torch.Tensor, cu: torch.Tensor,
-           table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dk [TT, H, K] fp32, dv [TT, H, V] (v's dtype), dbeta and dg [TT, H] fp32."""
+           table: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dk [TT, H, K] fp32, dv [TT, H, V] (v's dtype), dbeta and dg [TT, H] fp32. config overrides the launch
+    (BV, num_warps, num_stages) for tuning."""
     TT, H, K = k.shape
     V = v.shape[-1]
     dk = torch.empty(TT, H, K, device=k.device, dtype=torch.float32)
     dv = torch.empty_like(v)
     dbeta = torch.empty(TT, H, device=k.device, dtype=torch.float32)
     dg = torch.empty_like(dbeta)
+    cfg = {"BV": min(64, triton.next_power_of_2(V)), **launch_config(k.dtype, 8), **(config or {})}
     _wy_bwd_kernel[(table.shape[0], H)](k, v, beta, gamma, Ai, dw, dv2, dka, dgp, dk, dv, dbeta, dg, cu, table, TT,
-                                        H=H, K=K, V=V, BK=min(64, triton.next_power_of_2(K)),
-                                        BV=min(64, triton.next_power_of_2(V)), NK=dgp.shape[0],
-                                        DOT_PREC=dot_precision(k.dtype), **launch_config(k.dtype, 8))
+                                        H=H, K=K, V=V, BK=min(64, triton.next_power_of_2(K)), NK=dgp.shape[0],
+                                        DOT_PREC=dot_precision(k.dtype), **cfg)
     return dk, dv, dbeta, dg

@@ -302,7 +302,7 @@ def launch_config(dtype: torch.dtype, num_warps: int, num_stages: int = 3) -> di
 def seq_config(K: int, V: int, dtype: torch.dtype, backward: bool, device: torch.device | None = None) -> dict:
     """Block and launch sizes of the sequential state kernels (checked against register spills and shared
     memory with Triton 3.6). Wide heads on a GPU with Hopper's 227 KiB of shared memory per block get the
-    settings tuned by scripts/tune_state_pass.py at MoM-340M sizes (h_fwd 0.60 -> 0.51 ms, dh_bwd 1.19 ->
+    settings tuned by scripts/tune_chunk_kernels.py at MoM-340M sizes (h_fwd 0.60 -> 0.51 ms, dh_bwd 1.19 ->
     0.74 ms per layer on an H100); elsewhere a backward with K > 128 keeps to one stage so it fits."""
     if dtype == torch.float32:
         return dict(BV=min(16, triton.next_power_of_2(V)), num_warps=8, num_stages=1)
@@ -337,9 +337,10 @@ def chunk_tables(cu: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.
 
 
 def prepare_fwd(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu: torch.Tensor,
-                table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                table: torch.Tensor, config: dict | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """gamma [TT, H] fp32 (in-chunk cumsum of g), T = (I + A)^-1 [TT, H, 64] fp32, W [TT, H, K] and
-    U [TT, H, V] in k's dtype."""
+    U [TT, H, V] in k's dtype. config overrides the launch (BV, num_warps, num_stages) for tuning."""
     TT, H, K = k.shape
     V = v.shape[-1]
     gamma = torch.empty(TT, H, device=k.device, dtype=torch.float32)
@@ -347,10 +348,10 @@ def prepare_fwd(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.T
     Ai = torch.empty_like(A)
     w = torch.empty_like(k)
     u = torch.empty(TT, H, V, device=k.device, dtype=k.dtype)
+    cfg = {"BV": min(64, triton.next_power_of_2(V)), **launch_config(k.dtype, 4), **(config or {})}
     _prepare_fwd_kernel[(table.shape[0], H)](k, v, g, beta, gamma, A, Ai, w, u, cu, table, H=H, K=K, V=V,
-                                             BK=min(64, triton.next_power_of_2(K)),
-                                             BV=min(64, triton.next_power_of_2(V)), DOT_PREC=dot_precision(k.dtype),
-                                             **launch_config(k.dtype, 4))
+                                             BK=min(64, triton.next_power_of_2(K)), DOT_PREC=dot_precision(k.dtype),
+                                             **cfg)
     return gamma, Ai, w, u
 
 
@@ -387,15 +388,16 @@ def h_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gamma: torch.Tensor
 
 
 def o_fwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor,
-          cu: torch.Tensor, table: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """Output o [TT, H, V] in out_dtype."""
+          cu: torch.Tensor, table: torch.Tensor, scale: float, out_dtype: torch.dtype,
+          config: dict | None = None) -> torch.Tensor:
+    """Output o [TT, H, V] in out_dtype. config overrides the launch (BV, num_warps, num_stages) for tuning."""
     TT, H, K = q.shape
     V = vnew.shape[-1]
     o = torch.empty(TT, H, V, device=q.device, dtype=out_dtype)
     fp32 = q.dtype == torch.float32
-    BV = min(64 if fp32 else 128, triton.next_power_of_2(V))
-    grid = (table.shape[0], H, triton.cdiv(V, BV))
+    cfg = {"BV": min(64 if fp32 else 128, triton.next_power_of_2(V)), **launch_config(q.dtype, 4 if fp32 else 8),
+               **(config or {})}
+    grid = (table.shape[0], H, triton.cdiv(V, cfg["BV"]))
     _o_fwd_kernel[grid](q, k, vnew, h, gamma, o, cu, table, scale, H=H, K=K, V=V,
-                        BK=min(64, triton.next_power_of_2(K)), BV=BV, DOT_PREC=dot_precision(q.dtype),
-                        **launch_config(q.dtype, 4 if fp32 else 8))
+                        BK=min(64, triton.next_power_of_2(K)), DOT_PREC=dot_precision(q.dtype), **cfg)
     return o

@@ -1,11 +1,15 @@
-"""Sweep the launch settings (BV, warps, stages) of the sequential state passes h_fwd and dh_bwd on the GPU.
+"""Sweep the launch settings (BV, warps, stages) of the chunked gated-delta-rule kernels on the GPU.
 
 The shape is one MoM-340M layer's buffer: 8 documents of 2048 tokens, each split over 4 memories (top-2,
 so 4096 rows per document) plus the shared memory: 40 segments, 49,152 rows, 4 heads, K = V = 256, bf16.
 Each setting is first checked against the default launch (relative error of every output), then timed
-(median milliseconds). The fastest goes into seq_config in mom_train/kernels/gated_delta_rule/chunk_fwd.py.
+(median milliseconds). The fastest go into seq_config (state passes h_fwd, dh_bwd) and the launchers of
+mom_train/kernels/gated_delta_rule/chunk_fwd.py / chunk_bwd.py.
 
-  python scripts/tune_state_pass.py
+  python scripts/tune_chunk_kernels.py [h_fwd dh_bwd o_fwd dqkw wy_bwd prepare]
+
+prepare is last and not in the default list: on an H100 (Triton 3.6) its first non-default setting
+(BV=32, 4 warps, 1 stage) stopped with an illegal memory access, which ends the process's CUDA context.
 """
 from __future__ import annotations
 
@@ -20,11 +24,19 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dv_local_bwd  # noqa: E402
-from mom_train.kernels.gated_delta_rule.chunk_fwd import BT, chunk_tables, h_fwd, prepare_fwd  # noqa: E402
+from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dqkw_bwd, dv_local_bwd, wy_bwd  # noqa: E402
+from mom_train.kernels.gated_delta_rule.chunk_fwd import (  # noqa: E402
+    BT, chunk_tables, h_fwd, o_fwd, prepare_fwd)
 
-SETTINGS = [dict(BV=bv, num_warps=nw, num_stages=ns)
-            for bv, nw, ns in itertools.product((16, 32, 64), (4, 8), (1, 2))]
+# BV per kernel: the state passes keep a [K, BV] state tile; the chunk-parallel kernels loop over V in BV tiles
+BLOCKS = {"h_fwd": (16, 32, 64), "dh_bwd": (16, 32, 64), "prepare": (32, 64), "o_fwd": (32, 64, 128),
+          "dqkw": (32, 64), "wy_bwd": (32, 64)}
+
+
+def settings(name: str) -> list[dict]:
+    stages = (1, 2) if name in ("h_fwd", "dh_bwd") else (1, 2, 3)
+    return [dict(BV=bv, num_warps=nw, num_stages=ns)
+            for bv, nw, ns in itertools.product(BLOCKS[name], (4, 8), stages)]
 
 
 def mom_segments(gen: torch.Generator) -> list[int]:
@@ -56,26 +68,43 @@ def main() -> None:
     beta = torch.rand(TT, H, device="cuda").to(torch.bfloat16)
     do = torch.randn(TT, H, V, device="cuda", dtype=torch.bfloat16)
     scale = K ** -0.5
-    gamma, _, w, u = prepare_fwd(k, v, g, beta, cu, table)
+    gamma, Ai, w, u = prepare_fwd(k, v, g, beta, cu, table)
+    h, vnew, _ = h_fwd(k, w, u, gamma, cu, coff, num_slots, None, False)
     dvl = dv_local_bwd(q, k, do, gamma, cu, table, scale)
+    dh, dv2, _ = dh_bwd(q, k, w, do, dvl, gamma, cu, coff, num_slots, scale, None, False)
+    dq, dka, dw, dgp = dqkw_bwd(q, k, vnew, h, dh, do, dv2, gamma, cu, table, scale)
 
+    # chunk slots past the last chunk are never written: compare the used ones
+    used = table[:, 1] >= 0
     passes = {
-        "h_fwd": lambda cfg: h_fwd(k, w, u, gamma, cu, coff, num_slots, None, False, config=cfg)[:2],
-        "dh_bwd": lambda cfg: dh_bwd(q, k, w, do, dvl, gamma, cu, coff, num_slots, scale, None, False,
-                                     config=cfg)[:2],
+        "h_fwd": lambda cfg: (lambda h, vn, _: (h[used], vn))(
+            *h_fwd(k, w, u, gamma, cu, coff, num_slots, None, False, config=cfg)),
+        "dh_bwd": lambda cfg: (lambda dh, dv, _: (dh[used], dv))(
+            *dh_bwd(q, k, w, do, dvl, gamma, cu, coff, num_slots, scale, None, False, config=cfg)),
+        "prepare": lambda cfg: prepare_fwd(k, v, g, beta, cu, table, config=cfg),
+        "o_fwd": lambda cfg: [o_fwd(q, k, vnew, h, gamma, cu, table, scale, v.dtype, config=cfg)],
+        "dqkw": lambda cfg: dqkw_bwd(q, k, vnew, h, dh, do, dv2, gamma, cu, table, scale, config=cfg),
+        "wy_bwd": lambda cfg: wy_bwd(k, v, beta, gamma, Ai, dw, dv2, dka, dgp, cu, table, config=cfg),
     }
+    names = sys.argv[1:] or [n for n in passes if n != "prepare"]
     print(f"{len(lengths)} segments, {TT} rows, H={H} K={K} V={V}", flush=True)
-    for name, run in passes.items():
+    for name in names:
+        run = passes[name]
         ref = [t.clone() for t in run(None)]
         default_ms = triton.testing.do_bench(lambda: run(None), return_mode="median")
         results = []
-        for cfg in SETTINGS:
+        for cfg in settings(name):
             try:
                 out = run(cfg)
                 err = max(rel(a, b) for a, b in zip(out, ref))
                 ms = triton.testing.do_bench(lambda: run(cfg), return_mode="median")
             except Exception as exc:  # a setting that does not fit (shared memory, registers) is reported
                 print(f"{name} {cfg}: {exc!r}"[:160], flush=True)
+                if "illegal memory access" in str(exc):
+                    # the CUDA context is lost: later launches in this process would all fail
+                    print(f"== {name}: stopped at {cfg} (illegal memory access); run the remaining passes "
+                          f"in a new process", flush=True)
+                    return
                 continue
             results.append((ms, cfg, err))
             print(f"{name} {cfg} {ms:.3f} ms err {err:.1e}", flush=True)
