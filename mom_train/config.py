@@ -128,6 +128,9 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # what a NaN/inf loss or gradient does: skip the update, or save a checkpoint and stop
     nan_policy: Literal["skip", "stop"] = "stop"
+    # replay each micro-batch's forward + backward from a CUDA graph (one per power-of-two document-count
+    # bucket, captured on first use): removes the per-kernel launch cost; needs CUDA and a sync-free model
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -417,6 +420,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"global batch of {seqs} sequences is not divisible by `training.micro_batch_size` x "
                           f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}; adjust "
                           "training.global_batch_tokens/global_batch_size or training.micro_batch_size")
+    if t.cuda_graphs and m.arch == "mom" and m.mom_impl == "reference":
+        raise ConfigError("`training.cuda_graphs` = true cannot capture `model.mom_impl` = 'reference' (it reads "
+                          "document boundaries on the host); use model.mom_impl=fast or training.cuda_graphs=false")
     if t.warmup_steps > t.steps:
         raise ConfigError(f"`training.warmup_steps` = {t.warmup_steps} exceeds `training.steps` = {t.steps}")
     if cfg.data.source in ("files",) and not cfg.data.path:

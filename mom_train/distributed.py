@@ -62,6 +62,12 @@ class ParallelContext:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In-place copy of rank `src`'s tensor to every rank (on `self.device`)."""
+        if self.distributed:
+            dist.broadcast(tensor, src=src, group=self.group)
+        return tensor
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.cpu_group)
@@ -106,8 +112,12 @@ def init_distributed(cfg: Config, timeout_s: float = 1800.0) -> ParallelContext:
     return ctx
 
 
-def teardown(ctx: ParallelContext) -> None:
-    """Destroy the process groups this context created."""
+def teardown(ctx: ParallelContext, clean: bool = True) -> None:
+    """Destroy the process groups this context created. clean: every rank got here normally, so wait for the
+    others first (a rank that closes its gloo connections while a peer still reads them aborts that peer);
+    after an error the peers may never arrive, so no waiting."""
     if ctx.owns_group and dist.is_initialized():
+        if clean:
+            ctx.barrier()
         dist.destroy_process_group()
         ctx.owns_group = False

@@ -3,8 +3,10 @@
 Weight decay: every matrix (linear and conv weights, and the token embedding, which is tied to the output
 head by default) is decayed; norm weights, biases, `A_log` and `dt_bias` (per-head decay/step parameters of
 the recurrent layers, also flagged `_no_weight_decay` by the model) are not. The train loop only talks to
-`Engine` (forward through `engine.model`, `autocast`, `backward`, `no_sync`, `step`, `state_dict`), so ZeRO or
-model-parallel engines can replace it later.
+`Engine` (`forward_backward` per micro-batch, `step`, `state_dict`), so ZeRO or model-parallel engines can
+replace it later. With training.cuda_graphs the micro-batch is replayed from a CUDA graph (`graphed_step.py`):
+gradients then live in one flat buffer, and the data-parallel all-reduce runs on it once per step in place of
+DDP's bucketed hooks.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mom_train.config import Config, ConfigError, TrainingConfig
 from mom_train.distributed import ParallelContext
+from mom_train.graphed_step import FlatGrads, GraphedMicroBatch, MicroBatchOutputs, autocast_for_capture
 
 NO_DECAY_NAMES = ("A_log", "dt_bias")
 
@@ -42,17 +45,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names}]
 
 
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision of the forward pass: auto = bf16 autocast on CUDA, fp32 on CPU. Weights, gradients and
-    optimizer state stay fp32 either way (the fp32 master weights are the parameters themselves)."""
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision of the forward pass: auto = bf16 autocast on CUDA, fp32 (None: no autocast) on CPU.
+    Weights, gradients and optimizer state stay fp32 either way (the parameters are the master weights)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16":
         raise ConfigError("`training.precision` = 'fp16' needs loss scaling, which the trainer does not implement; "
                           "use bf16 (or auto)")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return None if precision == "fp32" else torch.bfloat16
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """A fresh autocast context for `precision` (see autocast_dtype)."""
+    dtype = autocast_dtype(precision, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class WarmupCosine:
@@ -83,30 +90,60 @@ class WarmupCosine:
 
 
 class Engine:
-    """Model (DDP-wrapped when dp_size > 1), fused AdamW with grad-norm clipping and a sync-free NaN skip.
+    """Model (DDP-wrapped when dp_size > 1, or graphed), fused AdamW with grad-norm clipping and a sync-free
+    NaN skip.
 
-    `step()` clips, then applies the update unless the gradient norm or the step's loss is not finite: the
-    fused AdamW kernel reads `found_inf` on the device and leaves parameters and moments untouched, so
-    skipping costs no host sync. It returns (grad_norm, nonfinite) as device tensors.
+    `forward_backward()` runs one micro-batch and accumulates its gradients. `step()` clips, then applies the
+    update unless the gradient norm or the step's loss is not finite: the fused AdamW kernel reads `found_inf`
+    on the device and leaves parameters and moments untouched, so skipping costs no host sync. It returns
+    (grad_norm, nonfinite) as device tensors.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, ctx: ParallelContext):
+    def __init__(self, model: nn.Module, cfg: Config, ctx: ParallelContext, capture: bool = True):
+        """capture=False (tests only): with training.cuda_graphs, run the graphed path's buffers eagerly."""
         self.module = model
         self.ctx = ctx
-        self.grad_clip = cfg.training.grad_clip
-        if ctx.distributed:
+        t = cfg.training
+        self.grad_clip = t.grad_clip
+        self.precision = t.precision
+        # fail at build time, not at the first forward
+        dtype = autocast_dtype(self.precision, ctx.device)
+        if t.cuda_graphs and capture and ctx.device.type != "cuda":
+            raise ConfigError(f"`training.cuda_graphs` = true needs a CUDA device, but the run is on {ctx.device}; "
+                              "set training.cuda_graphs=false (or run.device=cuda on a GPU machine)")
+        if ctx.distributed and not t.cuda_graphs:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.model: nn.Module = DistributedDataParallel(model, device_ids=ids, process_group=ctx.group)
         else:
             self.model = model
-        t = cfg.training
         groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, t.weight_decay)]
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
         self.schedule = WarmupCosine.from_config(t)
         self.params = [p for g in groups for p in g["params"]]
-        self.precision = t.precision
-        # fail at build time, not at the first forward
-        autocast_context(self.precision, ctx.device)
+        self.flat_grads: FlatGrads | None = None
+        self.graphed: GraphedMicroBatch | None = None
+        if t.cuda_graphs:
+            if ctx.distributed:
+                # every rank must hold the same weights, as DDP's constructor would ensure
+                for p in model.parameters():
+                    ctx.broadcast_(p.data)
+            self.flat_grads = FlatGrads(self.params)
+            autocast = autocast_for_capture(dtype) if capture else (lambda: self.autocast())
+            self.graphed = GraphedMicroBatch(model, self.flat_grads, autocast, capture=capture)
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
+                         ce_scale: float, aux_scale: float, last: bool) -> MicroBatchOutputs:
+        """Forward one packed micro-batch (input_ids, labels long [1, T], cu_seqlens int32 [N+1]) and accumulate
+        the gradient of loss_sum * ce_scale + aux_loss * aux_scale. last: the step's final micro-batch (DDP
+        all-reduces its gradients). The returned scalars are only valid until the next call."""
+        if self.graphed is not None:
+            return self.graphed(input_ids, labels, cu_seqlens, ce_scale, aux_scale)
+        with self.no_sync(sync=last):
+            with self.autocast():
+                out = self.model(input_ids, cu_seqlens=cu_seqlens, labels=labels)
+            self.backward(out.loss_sum * ce_scale + out.aux_loss * aux_scale)
+        load = out.router_load.detach() if out.router_load is not None else None
+        return MicroBatchOutputs(out.loss_sum.detach(), out.aux_loss.detach(), load)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """A fresh autocast context for one forward pass."""
@@ -130,13 +167,25 @@ class Engine:
     def step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip and update. loss_sum: this rank's summed loss of the step (fp32 scalar, device)."""
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if self.flat_grads is not None:
+            if not self.flat_grads.attached():
+                raise RuntimeError("a parameter's .grad was replaced or set to None; with training.cuda_graphs "
+                                   "gradients must stay in the engine's flat buffer (zero them, do not reassign)")
+            if self.ctx.distributed:
+                # the mean over data-parallel ranks, as DDP would give
+                self.ctx.all_reduce_(self.flat_grads.buffer).div_(self.ctx.dp_size)
+            grad_norm = self.flat_grads.clip_(max_norm)
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         nonfinite = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).float()
         # a loss can be non-finite on one rank only; all ranks must take the same decision
         nonfinite = self.ctx.all_reduce_(nonfinite).clamp_(max=1.0)
         self.optimizer.found_inf = nonfinite
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.flat_grads is not None:
+            self.flat_grads.zero_()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach(), nonfinite
 
     def state_dict(self) -> dict:

@@ -68,9 +68,12 @@ def train(cfg: Config) -> dict[str, Any]:
     ctx = init_distributed(cfg)
     try:
         with PreemptionHandler() as preempt:
-            return _train(cfg, ctx, preempt)
-    finally:
-        teardown(ctx)
+            result = _train(cfg, ctx, preempt)
+    except BaseException:
+        teardown(ctx, clean=False)
+        raise
+    teardown(ctx)
+    return result
 
 
 def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dict[str, Any]:
@@ -138,14 +141,13 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         step_load = None
         for i, batch in enumerate(batches):
             input_ids, labels, cu_seqlens = to_device(batch, ctx.device)
-            with engine.no_sync(sync=i == grad_accum - 1):
-                with engine.autocast():
-                    out = engine.model(input_ids, cu_seqlens=cu_seqlens, labels=labels)
-                engine.backward(out.loss_sum * ce_scale + coef * out.aux_loss / grad_accum)
-            step_loss += out.loss_sum.detach().float()
-            step_aux += out.aux_loss.detach().float() / grad_accum
+            out = engine.forward_backward(input_ids, labels, cu_seqlens, ce_scale, coef / grad_accum,
+                                          last=i == grad_accum - 1)
+            # consumed (in stream order) before the next micro-batch overwrites a graphed step's outputs
+            step_loss += out.loss_sum.float()
+            step_aux += out.aux_loss.float() / grad_accum
             if out.router_load is not None:
-                load = out.router_load.detach().float() / grad_accum
+                load = out.router_load.float() / grad_accum
                 step_load = load if step_load is None else step_load + load
         grad_norm, nonfinite = engine.step(step_loss)
         window.add(step_loss, global_valid, step_aux, step_load, grad_norm, nonfinite)

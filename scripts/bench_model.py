@@ -8,6 +8,7 @@ the forward/backward has no host sync; the result is recorded per model.
 
   python scripts/bench_model.py                       # ours + fla, fixed and packed
   python scripts/bench_model.py --skip fla --skip gdn # only our MoM
+  python scripts/bench_model.py --cuda-graphs on       # our rows replayed from CUDA graphs only
   python scripts/bench_model.py --kernels             # also time the fused kernels against plain torch
 
 fla is taken from the installed package, or installed from .gpu-wheels into /tmp/site (its Hopper guard on the
@@ -82,34 +83,56 @@ def sync_check(step_fn) -> str:
         torch.cuda.synchronize()
 
 
-def bench_model(name: str, build, B: int, T: int, packed: bool, args, check_sync: bool) -> dict:
+def bench_model(name: str, build, B: int, T: int, packed: bool, args, check_sync: bool,
+                graphed: bool = False) -> dict:
+    """Time one training step. graphed: forward + backward replayed from a CUDA graph (training.cuda_graphs:
+    flat gradient buffer, captured on the first step, which the warmup steps absorb)."""
     model = build()
     num_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
     vocab_size = model.config.vocab_size
     batch = make_batch(vocab_size, B, T, packed, "cuda")
 
-    def forward_backward():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**batch)
-        out.loss.backward()
+    if graphed:
+        from mom_train.graphed_step import FlatGrads, GraphedMicroBatch, autocast_for_capture
+
+        grads = FlatGrads(params)
+        micro_batch = GraphedMicroBatch(model, grads, autocast_for_capture(torch.bfloat16))
+        # loss = mean CE + coef * aux, as model(...).loss (the scale's exact value does not change the work)
+        ce_scale, aux_scale = 1.0 / (B * T), float(getattr(model.config, "aux_loss_coef", 0.0))
+
+        def forward_backward():
+            micro_batch(batch["input_ids"], batch["labels"], batch.get("cu_seqlens"), ce_scale, aux_scale)
+
+        def zero_grad():
+            grads.zero_()
+    else:
+        def forward_backward():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(**batch)
+            out.loss.backward()
+
+        def zero_grad():
+            opt.zero_grad(set_to_none=True)
+
+    opt = torch.optim.AdamW(params, lr=3e-4, fused=True)
 
     def step():
         forward_backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        zero_grad()
 
     torch.cuda.reset_peak_memory_stats()
     ms = timeit(step, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated() / 2**30
     loss_fn = getattr(model, "loss_fn", None)
     result = dict(name=name, params_M=num_params / 1e6, B=B, T=T, packed=packed, step_ms=ms,
-                  tokens_per_s=B * T / (ms / 1e3), peak_GiB=peak,
+                  tokens_per_s=B * T / (ms / 1e3), peak_GiB=peak, cuda_graph=graphed,
                   loss_fn=getattr(loss_fn, "__name__", "model's own"))
     if check_sync:
         result["sync_forward_backward"] = sync_check(forward_backward)
-        result["sync_optimizer"] = sync_check(lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
-    print(f"{name:44s} params={num_params / 1e6:7.1f}M packed={packed!s:5s} step={ms:8.1f} ms "
+        result["sync_optimizer"] = sync_check(lambda: (opt.step(), zero_grad()))
+    print(f"{name:52s} params={num_params / 1e6:7.1f}M packed={packed!s:5s} step={ms:8.1f} ms "
           f"tok/s={result['tokens_per_s']:10.0f} peak={peak:6.1f} GiB", flush=True)
     del opt, model, batch
     return result
@@ -250,6 +273,8 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="also time the fused kernels against torch")
     parser.add_argument("--mom-projection", nargs="+", default=["dense", "grouped"], choices=["dense", "grouped"],
                         help="our MoM's k/v/beta/a GEMM variants to time (model.mom_projection)")
+    parser.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="both",
+                        help="our models: eager steps, CUDA-graph replays (training.cuda_graphs), or both rows")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_model.json"))
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -265,15 +290,20 @@ def main() -> None:
     todo = []
     if "ours" not in args.skip:
         fused = not args.no_fused_ce
-        for projection in args.mom_projection:
-            todo.append((f"ours MoM-340M ({projection} k/v GEMM)", "mom",
-                         lambda p=projection: our_builder("mom_340m.yaml", fused, (f"model.mom_projection={p}",))))
-        todo.append(("ours GatedDeltaNet-340M", "gdn", lambda: our_builder("gdn_340m.yaml", fused)))
+        graph_modes = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
+        for graphed in graph_modes:
+            suffix = " + CUDA graph" if graphed else ""
+            for projection in args.mom_projection:
+                todo.append((f"ours MoM-340M ({projection} k/v GEMM){suffix}", "mom", graphed,
+                             lambda p=projection: our_builder("mom_340m.yaml", fused,
+                                                              (f"model.mom_projection={p}",))))
+            todo.append((f"ours GatedDeltaNet-340M{suffix}", "gdn", graphed,
+                         lambda: our_builder("gdn_340m.yaml", fused)))
     if "fla" not in args.skip:
-        todo += [("fla MoM-340M", "mom", lambda: fla_builders()["mom"]),
-                 ("fla GatedDeltaNet-340M", "gdn", lambda: fla_builders()["gdn"])]
+        todo += [("fla MoM-340M", "mom", False, lambda: fla_builders()["mom"]),
+                 ("fla GatedDeltaNet-340M", "gdn", False, lambda: fla_builders()["gdn"])]
     layouts = [p for p in (False, True) if ("packed" if p else "fixed") not in args.skip]
-    for name, kind, get_builder in todo:
+    for name, kind, graphed, get_builder in todo:
         if kind in args.skip:
             continue
         try:
@@ -287,7 +317,7 @@ def main() -> None:
             full_name = f"{name}{' packed' if packed else ''}"
             try:
                 res["models"].append(bench_model(full_name, build, args.batch, args.seq_len, packed, args,
-                                                 check_sync=name.startswith("ours")))
+                                                 check_sync=name.startswith("ours"), graphed=graphed))
             except Exception as err:
                 traceback.print_exc()
                 res["models"].append(dict(name=full_name, packed=packed, error=repr(err)[:500]))

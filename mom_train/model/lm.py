@@ -160,7 +160,7 @@ class CausalLM(nn.Module):
             state = cache[i] if cache is not None else None
             if self.activation_checkpointing and self.training and not use_cache:
                 h, residual, new_state, aux = checkpoint(layer, h, residual, cu_seqlens, state, use_cache,
-                                                         use_reentrant=False)
+                                                         use_reentrant=False, preserve_rng_state=False)
             else:
                 h, residual, new_state, aux = layer(h, residual, cu_seqlens, state, use_cache)
             if use_cache:

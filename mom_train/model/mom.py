@@ -159,7 +159,8 @@ class MoMAttention(nn.Module):
             # each stream's rows are contiguous in the buffer: grouped GEMMs, stream s ending at offs[s]; the
             # gathered input is rebuilt from x in backward instead of kept
             num_docs = (plan.cu_seqlens.numel() - 1) // S
-            offs = plan.cu_seqlens[num_docs::num_docs]  # [S] int32
+            # contiguous: the CUDA grouped GEMM reads offs as a dense array (a strided view gave wrong groups)
+            offs = plan.cu_seqlens[num_docs::num_docs].contiguous()  # [S] int32
             x_rows = to_rows(x)
             with recompute_in_backward(x_rows, lambda: to_rows(x)):
                 kv = grouped_linear(x_rows, self.memory_kv_proj, offs)  # [R, key_dim + value_dim]
@@ -310,6 +311,9 @@ class MoMAttention(nn.Module):
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows [offs[s-1], offs[s]) of x [R, D] times weight[s] [F, D] transposed -> [R, F] (offs int32 [S],
     non-decreasing, last = R). Under autocast both operands run in the autocast dtype."""
+    if not offs.is_contiguous() or offs.shape != weight.shape[:1]:
+        raise ValueError(f"grouped_linear: offs must be a contiguous [S] = [{weight.shape[0]}] tensor, got shape "
+                         f"{tuple(offs.shape)} and strides {offs.stride()}")
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)

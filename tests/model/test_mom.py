@@ -337,3 +337,54 @@ def test_auto_projection_is_dense_off_hopper():
     layer = MoMAttention(make_cfg(mom_projection="auto"))
     assert layer._projection(torch.zeros(1, HIDDEN)) == "dense"
     assert MoMAttention(make_cfg(mom_projection="grouped"))._projection(torch.zeros(1, HIDDEN)) == "grouped"
+
+
+def fill_free_cuda_memory_with_nan() -> None:
+    """NaN-fill blocks that the caching allocator then hands out again: unwritten output rows show as NaN."""
+    small = [torch.full((1 << 18,), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(32)]
+    large = torch.full((1 << 26,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    del small, large
+
+
+@pytest.mark.gpu
+def test_grouped_projection_matches_dense_gpu():
+    """Under bf16 autocast on CUDA the grouped k/v GEMM (torch's grouped kernel over each stream's rows) gives
+    what the dense GEMM + row gather gives, on packed documents with empty and single-token ones and a
+    memory without tokens; twice over NaN-filled free memory, so a row the kernel leaves unwritten shows.
+    (fp32 fast vs reference on the GPU: test_fast_matches_reference_on_gpu; bf16 routing may pick other
+    memories than fp32, so bf16 is compared within the fast path.)"""
+    bounds = [0, 1, 14, 14, 15, 140, 140, 333]
+    x = torch.randn(1, bounds[-1], 128, device="cuda")
+    x[..., 0] = 1.0
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    probe = torch.randn(1, bounds[-1], 128, device="cuda")
+    results = {}
+    for projection in ("dense", "grouped", "grouped"):
+        cfg = ModelConfig(hidden_size=128, num_heads=2, head_dim=64, num_memories=4, topk=2, shared_memory=True,
+                          kernel_backend="auto", mom_projection=projection)
+        torch.manual_seed(0)
+        layer = make_layer(cfg).cuda()
+        fill_free_cuda_memory_with_nan()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(layer, "fast", x, cu_seqlens, probe)
+        assert layer._projection(x) == projection
+        results.setdefault(projection, []).append(out)
+    (y_d, aux_d, grads_d, dx_d), = results["dense"]
+    assert aux_d["router_load"][-1] == 0, "the scenario needs a memory without tokens"
+    for y, aux, grads, dx in results["grouped"]:
+        assert rel_err(y.float(), y_d.float()) < 1e-2
+        torch.testing.assert_close(aux["router_load"], aux_d["router_load"])
+        assert rel_err(dx.float(), dx_d.float()) < 2e-2
+        for name, grad_d in grads_d.items():
+            assert torch.isfinite(grads[name]).all(), name
+            assert rel_err(grads[name].float(), grad_d.float()) < 2e-2, name
+    first, second = results["grouped"]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3]), "depends on unwritten memory"
+
+
+def test_grouped_linear_rejects_strided_offsets():
+    from mom_train.model.mom import grouped_linear
+
+    cu = torch.tensor([0, 3, 5, 5, 9, 12, 14], dtype=torch.int32)
+    with pytest.raises(ValueError, match="contiguous"):
+        grouped_linear(torch.randn(14, 8), torch.randn(3, 4, 8), cu[2::2])

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mom_train.kernels.gated_delta_rule.chunk_fwd import _chunk_header, dot_precision, launch_config, seq_config
+from mom_train.kernels.gated_delta_rule.chunk_fwd import (_chunk_header, bwd_config, dot_precision, launch_config,
+                                                          seq_config)
 
 
 @triton.jit
@@ -307,7 +308,7 @@ def dqkw_bwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tens
     dw = torch.empty_like(q)
     dgp = torch.empty(NK, TT, H, device=q.device, dtype=torch.float32)
     grid = (table.shape[0], H, NK)
-    cfg = {"BV": min(64, triton.next_power_of_2(V)), **launch_config(q.dtype, 8), **(config or {})}
+    cfg = {**bwd_config("dqkw", K, V, q.dtype, q.device), **(config or {})}
     _dqkw_kernel[grid](q, k, vnew, h, dh, do, dv2, gamma, dq, dk, dw, dgp, cu, table, scale, TT, H=H, K=K, V=V,
                        BK=BK, DOT_PREC=dot_precision(q.dtype), **cfg)
     return dq, dk, dw, dgp
@@ -324,7 +325,7 @@ def wy_bwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Te
     dv = torch.empty_like(v)
     dbeta = torch.empty(TT, H, device=k.device, dtype=torch.float32)
     dg = torch.empty_like(dbeta)
-    cfg = {"BV": min(64, triton.next_power_of_2(V)), **launch_config(k.dtype, 8), **(config or {})}
+    cfg = {**bwd_config("wy_bwd", K, V, k.dtype, k.device), **(config or {})}
     _wy_bwd_kernel[(table.shape[0], H)](k, v, beta, gamma, Ai, dw, dv2, dka, dgp, dk, dv, dbeta, dg, cu, table, TT,
                                         H=H, K=K, V=V, BK=min(64, triton.next_power_of_2(K)), NK=dgp.shape[0],
                                         DOT_PREC=dot_precision(k.dtype), **cfg)
