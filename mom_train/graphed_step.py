@@ -72,14 +72,12 @@ class FlatGrads:
         for p in self.params:
             p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
+        self._addresses = [p.grad.data_ptr() for p in self.params]
 
     def attached(self) -> bool:
-        offset = 0
-        for p in self.params:
-            if p.grad is None or p.grad.data_ptr() != self.buffer[offset:].data_ptr():
-                return False
-            offset += p.numel()
-        return True
+        """Whether every .grad is still its slice of the buffer (a host-side check, no device work)."""
+        return all(p.grad is not None and p.grad.data_ptr() == address
+                   for p, address in zip(self.params, self._addresses))
 
     def zero_(self) -> None:
         self.buffer.zero_()

@@ -22,6 +22,7 @@ from triton.testing import do_bench
 from mom_train.kernels.gated_delta_rule import chunk as ours_mod
 from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dqkw_bwd, dv_local_bwd, wy_bwd
 from mom_train.kernels.gated_delta_rule.chunk_fwd import chunk_tables, h_fwd, o_fwd, prepare_fwd, wu_fwd
+from chunk_passes import run_chunk_passes
 
 DEV = "cuda"
 
@@ -102,13 +103,9 @@ def breakdown(x: dict) -> dict:
     else:
         cu = x["cu"]
         slots = triton.cdiv(T, 64) + cu.shape[0] - 1
-    coff, table = chunk_tables(cu, slots)
     scale = K ** -0.5
-    gamma, Ai, w, u = prepare_fwd(k, v, g, beta, cu, table)
-    h, vnew, _ = h_fwd(k, w, u, gamma, cu, coff, slots, None, False)
-    dvl = dv_local_bwd(q, k, do, gamma, cu, table, scale)
-    dh, dv2, _ = dh_bwd(q, k, w, do, dvl, gamma, cu, coff, slots, scale, None, False)
-    dq, dka, dw, dgp = dqkw_bwd(q, k, vnew, h, dh, do, dv2, gamma, cu, table, scale)
+    passes = run_chunk_passes(q, k, v, g, beta, do, cu, slots, scale)
+    coff, table, gamma, Ai, w, u, h, vnew, dvl, dh, dv2, dq, dka, dw, dgp = (passes[n] for n in "coff, table, gamma, Ai, w, u, h, vnew, dvl, dh, dv2, dq, dka, dw, dgp".split(", "))
     stages = {
         "tables": lambda: chunk_tables(cu, slots),
         "prepare": lambda: prepare_fwd(k, v, g, beta, cu, table),

@@ -24,9 +24,9 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dqkw_bwd, dv_local_bwd, wy_bwd  # noqa: E402
-from mom_train.kernels.gated_delta_rule.chunk_fwd import (  # noqa: E402
-    BT, chunk_tables, h_fwd, o_fwd, prepare_fwd)
+from chunk_passes import run_chunk_passes  # noqa: E402
+from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dqkw_bwd, wy_bwd  # noqa: E402
+from mom_train.kernels.gated_delta_rule.chunk_fwd import BT, h_fwd, o_fwd, prepare_fwd  # noqa: E402
 
 # BV per kernel: the state passes keep a [K, BV] state tile; the chunk-parallel kernels loop over V in BV tiles
 BLOCKS = {"h_fwd": (16, 32, 64), "dh_bwd": (16, 32, 64), "prepare": (32, 64), "o_fwd": (32, 64, 128),
@@ -60,7 +60,6 @@ def main() -> None:
     torch.manual_seed(0)
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
     num_slots = triton.cdiv(TT, BT) + len(lengths)
-    coff, table = chunk_tables(cu, num_slots)
     q = F.normalize(torch.randn(TT, H, K, device="cuda"), dim=-1).to(torch.bfloat16)
     k = F.normalize(torch.randn(TT, H, K, device="cuda"), dim=-1).to(torch.bfloat16)
     v = torch.randn(TT, H, V, device="cuda", dtype=torch.bfloat16)
@@ -68,11 +67,8 @@ def main() -> None:
     beta = torch.rand(TT, H, device="cuda").to(torch.bfloat16)
     do = torch.randn(TT, H, V, device="cuda", dtype=torch.bfloat16)
     scale = K ** -0.5
-    gamma, Ai, w, u = prepare_fwd(k, v, g, beta, cu, table)
-    h, vnew, _ = h_fwd(k, w, u, gamma, cu, coff, num_slots, None, False)
-    dvl = dv_local_bwd(q, k, do, gamma, cu, table, scale)
-    dh, dv2, _ = dh_bwd(q, k, w, do, dvl, gamma, cu, coff, num_slots, scale, None, False)
-    dq, dka, dw, dgp = dqkw_bwd(q, k, vnew, h, dh, do, dv2, gamma, cu, table, scale)
+    passes = run_chunk_passes(q, k, v, g, beta, do, cu, num_slots, scale)
+    coff, table, gamma, Ai, w, u, h, vnew, dvl, dh, dv2, dq, dka, dw, dgp = (passes[n] for n in "coff, table, gamma, Ai, w, u, h, vnew, dvl, dh, dv2, dq, dka, dw, dgp".split(", "))
 
     # chunk slots past the last chunk are never written: compare the used ones
     used = table[:, 1] >= 0

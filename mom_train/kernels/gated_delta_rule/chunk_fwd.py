@@ -307,24 +307,10 @@ def seq_config(K: int, V: int, dtype: torch.dtype, backward: bool, device: torch
     if dtype == torch.float32:
         return dict(BV=min(16, triton.next_power_of_2(V)), num_warps=8, num_stages=1)
     BV = min(32, triton.next_power_of_2(V))
-    if K > 128 and _max_shared_memory(device) >= 227 * 1024:
+    if K > 128 and max_shared_memory(device) >= 227 * 1024:
         return dict(BV=BV, num_warps=4, num_stages=2)
     stages = 1 if backward and K > 128 else 2
     return dict(BV=BV, num_warps=8, num_stages=stages)
-
-
-# chunk-parallel backward kernels with K > 128 in bf16 on Hopper-class shared memory, from
-# scripts/tune_chunk_kernels.py at MoM-340M sizes on an H100 (per layer: dqkw 1.22 -> 1.04 ms, wy_bwd
-# 0.70 -> 0.57 ms); every variant was checked against the default launch there
-WIDE_HEAD_BWD = {"dqkw": dict(BV=64, num_warps=4, num_stages=2), "wy_bwd": dict(BV=32, num_warps=4, num_stages=3)}
-
-
-def bwd_config(kernel: str, K: int, V: int, dtype: torch.dtype, device: torch.device | None = None) -> dict:
-    """Launch settings (BV, num_warps, num_stages) of the chunk-parallel backward kernels dqkw and wy_bwd."""
-    if dtype != torch.float32 and K > 128 and _max_shared_memory(device) >= 227 * 1024:
-        cfg = WIDE_HEAD_BWD[kernel]
-        return {**cfg, "BV": min(cfg["BV"], triton.next_power_of_2(V))}
-    return {"BV": min(64, triton.next_power_of_2(V)), **launch_config(dtype, 8)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -332,7 +318,7 @@ def _device_shared_memory(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def _max_shared_memory(device: torch.device | None) -> int:
+def max_shared_memory(device: torch.device | None) -> int:
     """Shared memory per block (bytes) of a CUDA device; 0 off CUDA (the interpreter)."""
     if device is None or device.type != "cuda":
         return 0
