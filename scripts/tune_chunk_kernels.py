@@ -6,7 +6,10 @@ Each setting is first checked against the default launch (relative error of ever
 (median milliseconds). The fastest go into seq_config (state passes h_fwd, dh_bwd) and the launchers of
 mom_train/kernels/gated_delta_rule/chunk_fwd.py / chunk_bwd.py.
 
-  python scripts/tune_chunk_kernels.py [h_fwd dh_bwd o_fwd dqkw wy_bwd prepare]
+  python scripts/tune_chunk_kernels.py [h_fwd dh_bwd o_fwd dqkw wy_bwd prepare h_fwd_order dh_bwd_order]
+
+h_fwd_order / dh_bwd_order time the state passes' own launch with the sequences in grid order and reversed
+(REVERSE_SEQS: the shared-memory streams, last in the buffer and the longest, start first).
 
 prepare is last and not in the default list: on an H100 (Triton 3.6) its first non-default setting
 (BV=32, 4 warps, 1 stage) stopped with an illegal memory access, which ends the process's CUDA context.
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chunk_passes import run_chunk_passes  # noqa: E402
 from mom_train.kernels.gated_delta_rule.chunk_bwd import dh_bwd, dqkw_bwd, wy_bwd  # noqa: E402
-from mom_train.kernels.gated_delta_rule.chunk_fwd import BT, h_fwd, o_fwd, prepare_fwd  # noqa: E402
+from mom_train.kernels.gated_delta_rule.chunk_fwd import BT, h_fwd, o_fwd, prepare_fwd, seq_config  # noqa: E402
 
 # BV per kernel: the state passes keep a [K, BV] state tile; the chunk-parallel kernels loop over V in BV tiles
 BLOCKS = {"h_fwd": (16, 32, 64), "dh_bwd": (16, 32, 64), "prepare": (32, 64), "o_fwd": (32, 64, 128),
@@ -34,6 +37,10 @@ BLOCKS = {"h_fwd": (16, 32, 64), "dh_bwd": (16, 32, 64), "prepare": (32, 64), "o
 
 
 def settings(name: str) -> list[dict]:
+    if name.endswith("_order"):
+        # the state pass's own launch, with the sequences in grid order or reversed
+        base = seq_config(256, 256, torch.bfloat16, backward=name.startswith("dh"), device=torch.device("cuda"))
+        return [dict(base, REVERSE_SEQS=reverse) for reverse in (False, True)]
     stages = (1, 2) if name in ("h_fwd", "dh_bwd") else (1, 2, 3)
     return [dict(BV=bv, num_warps=nw, num_stages=ns)
             for bv, nw, ns in itertools.product(BLOCKS[name], (4, 8), stages)]
@@ -82,7 +89,8 @@ def main() -> None:
         "dqkw": lambda cfg: dqkw_bwd(q, k, vnew, h, dh, do, dv2, gamma, cu, table, scale, config=cfg),
         "wy_bwd": lambda cfg: wy_bwd(k, v, beta, gamma, Ai, dw, dv2, dka, dgp, cu, table, config=cfg),
     }
-    names = sys.argv[1:] or [n for n in passes if n != "prepare"]
+    passes["h_fwd_order"], passes["dh_bwd_order"] = passes["h_fwd"], passes["dh_bwd"]
+    names = sys.argv[1:] or [n for n in passes if n not in ("prepare", "h_fwd_order", "dh_bwd_order")]
     print(f"{len(lengths)} segments, {TT} rows, H={H} K={K} V={V}", flush=True)
     for name in names:
         run = passes[name]

@@ -48,13 +48,16 @@ def _dv_local_kernel(q, k, do, gamma, dvl, cu, table, scale, H: tl.constexpr, K:
 @triton.jit
 def _dh_bwd_kernel(q, k, w, do, dvl, gamma, dh, dv2, dht, dh0, cu, coff, scale, H: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
-                   STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr):
+                   STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr, REVERSE_SEQS: tl.constexpr = False):
     """Reverse pass per (sequence, head, V block): dh[c] = gradient of the state leaving chunk c,
     dU = dV_local + exp(gamma_L - gamma) K dS', dS <- exp(gamma_L) dS' + scale (exp(gamma) Q)^T dO - W^T dU."""
     i_v = tl.program_id(0).to(tl.int64)
-    i_nh = tl.program_id(1).to(tl.int64)
-    i_n = i_nh // H
-    i_h = i_nh % H
+    i_n = tl.program_id(1).to(tl.int64) // H
+    i_h = tl.program_id(1).to(tl.int64) % H
+    if REVERSE_SEQS:
+        # the last sequences (MoM's shared-memory streams, the longest) start first: a shorter tail
+        i_n = tl.num_programs(1) // H - 1 - i_n
+    i_nh = i_n * H + i_h
     dt = q.dtype.element_ty
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)

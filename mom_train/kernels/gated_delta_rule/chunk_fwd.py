@@ -210,13 +210,16 @@ def _wu_kernel(k, v, beta, gamma, Ai, w, u, cu, table, H: tl.constexpr, K: tl.co
 @triton.jit
 def _h_fwd_kernel(k, w, u, gamma, h, vnew, h0, ht, cu, coff, H: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                  STORE_HT: tl.constexpr, DOT_PREC: tl.constexpr):
+                  STORE_HT: tl.constexpr, DOT_PREC: tl.constexpr, REVERSE_SEQS: tl.constexpr = False):
     """Sequential pass per (sequence, head, V block): h[c] = incoming state, V_new = U - W S,
     S <- exp(gamma_L) S + (exp(gamma_L - gamma) K)^T V_new."""
     i_v = tl.program_id(0).to(tl.int64)
-    i_nh = tl.program_id(1).to(tl.int64)
-    i_n = i_nh // H
-    i_h = i_nh % H
+    i_n = tl.program_id(1).to(tl.int64) // H
+    i_h = tl.program_id(1).to(tl.int64) % H
+    if REVERSE_SEQS:
+        # the last sequences (MoM's shared-memory streams, the longest) start first: a shorter tail
+        i_n = tl.num_programs(1) // H - 1 - i_n
+    i_nh = i_n * H + i_h
     dt = k.dtype.element_ty
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
@@ -308,7 +311,9 @@ def seq_config(K: int, V: int, dtype: torch.dtype, backward: bool, device: torch
         return dict(BV=min(16, triton.next_power_of_2(V)), num_warps=8, num_stages=1)
     BV = min(32, triton.next_power_of_2(V))
     if K > 128 and max_shared_memory(device) >= 227 * 1024:
-        return dict(BV=BV, num_warps=4, num_stages=2)
+        # sequences in reverse grid order: MoM's shared-memory streams (last, longest) start first
+        # (H200, MoM-340M buffer: h_fwd 0.769 -> 0.735 ms, dh_bwd 0.986 -> 0.956 ms)
+        return dict(BV=BV, num_warps=4, num_stages=2, REVERSE_SEQS=True)
     stages = 1 if backward and K > 128 else 2
     return dict(BV=BV, num_warps=8, num_stages=stages)
 
