@@ -53,7 +53,13 @@ class Attention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: KVState | None = None,
         use_cache: bool = False,
+        context: object | None = None,
     ) -> tuple[torch.Tensor, KVState | None, dict]:
+        """x [B, T, D]; context parallelism (context) is not supported: attention would need ring passes of
+        keys and values."""
+        if context is not None:
+            raise ValueError("model.arch=transformer has no context-parallel path (attention over a split "
+                             "sequence needs ring attention); set parallel.cp=1")
         B, T, _ = x.shape
         if cu_seqlens is not None and (cache is not None or use_cache):
             raise ValueError("Attention: the KV cache works on a batch [B, T] without cu_seqlens; for decoding "

@@ -20,6 +20,8 @@ from mom_train.model.cache import RecurrentState
 from mom_train.model.conv import ShortConvolution, conv_fuses_with_delta_rule
 from mom_train.model.linear import make_linear
 from mom_train.model.norm import GatedRMSNorm, gated_norm_linear
+from mom_train.parallel.context import (
+    ContextParallel, check_context_inputs, context_conv_states, context_parallel_gated_delta_rule, stream_chains)
 
 # xavier-uniform gain of the reference linear-attention layers
 LINEAR_INIT_GAIN = 2 ** -2.5
@@ -30,12 +32,14 @@ MAX_KERNEL_VALUE_DIM = 256
 def wide_value_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     initial_state: torch.Tensor | None, output_final_state: bool, cu_seqlens: torch.Tensor | None, backend: str,
+    context: ContextParallel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`gated_delta_rule` (q, k L2-normalised inside) for any value width V: the columns of the state
     [K, V] evolve independently, so V is split into P equal parts run as P heads each.
 
     q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; initial_state [N, H, K, V] -> (o [B, T, H, V],
-    final state [N, H, K, V] | None).
+    final state [N, H, K, V] | None). context: the rows are this rank's part of a sequence split over a
+    context-parallel group (packed, one chain; no initial or final state).
     """
     V = v.shape[-1]
     parts = -(-V // MAX_KERNEL_VALUE_DIM)
@@ -50,9 +54,15 @@ def wide_value_gated_delta_rule(
         if initial_state is not None:
             # [N, H, K, V] -> [N, H*P, K, V/P]
             initial_state = initial_state.unflatten(-1, (parts, -1)).transpose(2, 3).flatten(1, 2)
-    o, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
-                                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                use_qk_l2norm_in_kernel=True, backend=backend)
+    if context is not None:
+        first, last = stream_chains(cu_seqlens, 1)
+        o = context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens, first, last, context.continues_out,
+                                              context.group, use_qk_l2norm_in_kernel=True, backend=backend)
+        state = None
+    else:
+        o, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
+                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                    use_qk_l2norm_in_kernel=True, backend=backend)
     if parts > 1:
         o = o.unflatten(2, (-1, parts)).flatten(-2)
         if state is not None:
@@ -122,15 +132,18 @@ class GatedDeltaNet(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: RecurrentState | None = None,
         use_cache: bool = False,
+        context: ContextParallel | None = None,
     ) -> tuple[torch.Tensor, RecurrentState | None, dict]:
         """x [B, T, D]; cache: this layer's state from an earlier call (states [N, H, K, V] fp32 and conv
-        states [N, C, W-1], N = B or len(cu_seqlens) - 1); the call continues from it."""
+        states [N, C, W-1], N = B or len(cu_seqlens) - 1); the call continues from it. context: x holds this
+        rank's rows of a packed sequence split over a context-parallel group (states cross the ranks)."""
+        check_context_inputs("GatedDeltaNet", context, x, cu_seqlens, cache, use_cache)
         conv_states = cache.conv if cache is not None and self.use_short_conv else (None, None, None)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # [B, T, H] fp32 log decay and write strength
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = self.b_proj(x).sigmoid()
-        if self._conv_fused_training(x, cache, use_cache):
+        if context is None and self._conv_fused_training(x, cache, use_cache):
             # training: short conv and delta rule as one function that keeps only the conv inputs
             from mom_train.kernels.gated_delta_rule.conv_chunk import conv_chunk_gated_delta_rule
 
@@ -143,6 +156,10 @@ class GatedDeltaNet(nn.Module):
             gate = self.g_proj(x).unflatten(-1, (-1, self.head_v_dim))
             return gated_norm_linear(self.o_norm, self.o_proj, o.view(B, T, -1, self.head_v_dim), gate), None, {}
         if self.use_short_conv:
+            if context is not None:
+                first, last = stream_chains(cu_seqlens, 1)
+                conv_states = context_conv_states((q, k, v), cu_seqlens, first, last, context,
+                                                  self.q_conv1d.kernel_size)
             q, conv_q = self.q_conv1d(q, cu_seqlens, conv_states[0], use_cache)
             k, conv_k = self.k_conv1d(k, cu_seqlens, conv_states[1], use_cache)
             v, conv_v = self.v_conv1d(v, cu_seqlens, conv_states[2], use_cache)
@@ -154,7 +171,7 @@ class GatedDeltaNet(nn.Module):
         v = v.unflatten(-1, (-1, self.head_v_dim))
         initial_state = cache.recurrent if cache is not None else None
         o, state = wide_value_gated_delta_rule(q, k, v, g, beta, initial_state, use_cache, cu_seqlens,
-                                               self.kernel_backend)
+                                               self.kernel_backend, context)
         y = gated_norm_linear(self.o_norm, self.o_proj, o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
         new_cache = None
         if use_cache:

@@ -21,6 +21,7 @@ from mom_train.model.gated_deltanet import GatedDeltaNet
 from mom_train.model.linear import make_linear
 from mom_train.model.mlp import SwiGLU, mlp_intermediate_size
 from mom_train.model.norm import RMSNorm
+from mom_train.parallel.context import ContextParallel
 
 IGNORE_INDEX = -100
 
@@ -95,10 +96,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, intermediate, cfg.init_std, backend=cfg.kernel_backend)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
-                cache: object | None = None, use_cache: bool = False
+                cache: object | None = None, use_cache: bool = False, context: ContextParallel | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, object | None, dict]:
         x, residual = self.attn_norm.add_and_norm(h, residual)
-        h, new_cache, aux = self.mixer(x, cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
+        h, new_cache, aux = self.mixer(x, cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache, context=context)
         x, residual = self.mlp_norm.add_and_norm(h, residual)
         return self.mlp(x), residual, new_cache, aux
 
@@ -147,10 +148,15 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
+        context: ContextParallel | None = None,
     ) -> ModelOutput:
         """input_ids long [B, T], or packed [1, T] with cu_seqlens int32 [N+1]; labels long [B, T] (HF
         convention, shifted here); cache: continue from an earlier call (it is updated in place);
-        use_cache: return the cache holding the state after these tokens."""
+        use_cache: return the cache holding the state after these tokens.
+
+        context: the inputs are this rank's part of a packed sequence split over a context-parallel group, as
+        `mom_train.parallel.context.shard_batch` returns them; labels are then its already-shifted targets.
+        Recurrent states and conv halos cross the ranks; loss_sum and num_valid count this rank's rows."""
         self._check_inputs(input_ids, cu_seqlens, labels)
         if use_cache and cache is None:
             cache = Cache(len(self.layers))
@@ -159,10 +165,10 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             state = cache[i] if cache is not None else None
             if self.activation_checkpointing and self.training and not use_cache:
-                h, residual, new_state, aux = checkpoint(layer, h, residual, cu_seqlens, state, use_cache,
+                h, residual, new_state, aux = checkpoint(layer, h, residual, cu_seqlens, state, use_cache, context,
                                                          use_reentrant=False, preserve_rng_state=False)
             else:
-                h, residual, new_state, aux = layer(h, residual, cu_seqlens, state, use_cache)
+                h, residual, new_state, aux = layer(h, residual, cu_seqlens, state, use_cache, context)
             if use_cache:
                 cache[i] = new_state
             if "aux_loss" in aux:
@@ -175,7 +181,7 @@ class CausalLM(nn.Module):
         if labels is None:
             out.logits = F.linear(hidden, self.head_weight)
             return out
-        targets = shift_labels(labels, cu_seqlens)
+        targets = labels if context is not None else shift_labels(labels, cu_seqlens)
         loss_fn = self.loss_fn
         if (loss_fn is linear_cross_entropy and hidden.is_cuda and self.training
                 and self.config.kernel_backend != "torch"):

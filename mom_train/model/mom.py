@@ -36,6 +36,8 @@ from mom_train.model.linear import make_linear
 from mom_train.model.norm import GatedRMSNorm, gated_norm_linear
 from mom_train.model.recompute import recompute_in_backward
 from mom_train.kernels.routing import build_stream_plan_auto, combine_rows, gather_tokens, select_rows
+from mom_train.parallel.context import (
+    ContextParallel, check_context_inputs, context_conv_states, context_parallel_gated_delta_rule, stream_chains)
 from mom_train.model.routing import Routing, route
 
 
@@ -102,9 +104,15 @@ class MoMAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: RecurrentState | None = None,
         use_cache: bool = False,
+        context: ContextParallel | None = None,
     ) -> tuple[torch.Tensor, RecurrentState | None, dict]:
         """x [B, T, D]; cu_seqlens int32 [N+1] for packed input (B == 1); cache: this layer's state from an
-        earlier call (N = B, or len(cu_seqlens) - 1 sequences); use_cache: return the updated state."""
+        earlier call (N = B, or len(cu_seqlens) - 1 sequences); use_cache: return the updated state.
+        context: x holds this rank's rows of a packed sequence split over a context-parallel group; every
+        memory's (and the shared memory's) state and conv halo cross the ranks (fast path only)."""
+        check_context_inputs("MoMAttention", context, x, cu_seqlens, cache, use_cache)
+        if context is not None and self.impl != "fast":
+            raise ValueError("MoMAttention: context parallelism runs on the fast path; set model.mom_impl=fast")
         B, T, D = x.shape
         if cu_seqlens is not None and B != 1:
             raise ValueError(f"MoMAttention: with cu_seqlens the input must be packed as [1, T, D], got B={B}")
@@ -115,8 +123,10 @@ class MoMAttention(nn.Module):
         if cache is not None:
             self._check_cache(cache, cu_seqlens.numel() - 1)
         routing = route(self.router(x), self.topk)
-        mix = self._mix_fast if self.impl == "fast" else self._mix_reference
-        o, new_cache = mix(x, routing, cu_seqlens, cache, use_cache)  # [L, H, dv]
+        if self.impl == "fast":
+            o, new_cache = self._mix_fast(x, routing, cu_seqlens, cache, use_cache, context)  # [L, H, dv]
+        else:
+            o, new_cache = self._mix_reference(x, routing, cu_seqlens, cache, use_cache)
         y = gated_norm_linear(self.o_norm, self.o_proj, o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
         y = y.view(B, T, -1)
         return y, new_cache, {"aux_loss": routing.aux_loss, "router_load": routing.load}
@@ -143,7 +153,8 @@ class MoMAttention(nn.Module):
         return (q, k, v), (state_q, state_k, state_v)
 
     def _mix_fast(self, x: torch.Tensor, routing: Routing, cu_seqlens: torch.Tensor,
-                  cache: RecurrentState | None, use_cache: bool) -> tuple[torch.Tensor, RecurrentState | None]:
+                  cache: RecurrentState | None, use_cache: bool,
+                  context: ContextParallel | None = None) -> tuple[torch.Tensor, RecurrentState | None]:
         """Memory outputs mixed per token, o [L, H, dv], from x [L, D], sync-free (see module docstring)."""
         L = x.shape[0]
         S = self.num_streams
@@ -174,7 +185,7 @@ class MoMAttention(nn.Module):
         # q once per token, then one copy per buffer row
         q_tokens = self.q_proj(x)
         q = to_rows(q_tokens)
-        if self._conv_fused_training(x, cache, use_cache):
+        if context is None and self._conv_fused_training(x, cache, use_cache):
             # training: conv outputs and the gathered q are rebuilt in backward instead of kept
             from mom_train.kernels.gated_delta_rule.conv_chunk import conv_chunk_gated_delta_rule
 
@@ -186,6 +197,8 @@ class MoMAttention(nn.Module):
         conv_states = (None,) * 3
         if cache is not None and self.use_short_conv:
             conv_states = tuple(map(_to_segments, cache.conv))
+        if context is not None:
+            return self._mix_context(q[None], k[None], v[None], g, beta, plan, routing, L, context), None
         (q, k, v), new_conv = self._short_conv(q[None], k[None], v[None], plan.cu_seqlens, conv_states, use_cache)
         o, state = gated_delta_rule(
             q.unflatten(-1, (-1, self.head_k_dim)),
@@ -202,6 +215,22 @@ class MoMAttention(nn.Module):
         if use_cache:
             new_cache = RecurrentState(_from_segments(state, S), tuple(_from_segments(c, S) for c in new_conv))
         return self._unpermute(o[0], routing, plan, L), new_cache
+
+    def _mix_context(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     plan, routing: Routing, L: int, context: ContextParallel) -> torch.Tensor:
+        """`_mix_fast`'s conv and delta rule over this rank's buffer [1, R, C] when the sequence is split over
+        a context-parallel group: each stream is a chain whose conv halo and state come from earlier ranks."""
+        first, last = stream_chains(plan.cu_seqlens, self.num_streams)
+        conv_states = (None,) * 3
+        if self.use_short_conv:
+            conv_states = context_conv_states((q, k, v), plan.cu_seqlens, first, last, context,
+                                              self.q_conv1d.kernel_size)
+        (q, k, v), _ = self._short_conv(q, k, v, plan.cu_seqlens, conv_states, False)
+        o = context_parallel_gated_delta_rule(
+            q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim)),
+            v.unflatten(-1, (-1, self.head_v_dim)), g[None], beta[None], plan.cu_seqlens, first, last,
+            context.continues_out, context.group, use_qk_l2norm_in_kernel=True, backend=self.kernel_backend)
+        return self._unpermute(o[0], routing, plan, L)
 
     def _unpermute(self, o: torch.Tensor, routing: Routing, plan, L: int) -> torch.Tensor:
         """Buffer outputs o [R, H, dv] -> per-token mix [L, H, dv]: the router-weighted sum of each token's k
