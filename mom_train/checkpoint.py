@@ -6,7 +6,8 @@ Layout under the run dir (`cfg.run.path`):
     checkpoints/step_0000100/model.pt       model state_dict (rank 0; replicas are identical under DDP)
                             optimizer.pt    AdamW state (rank 0)
                             train_state.pt  step, tokens, LR schedule, counters, dp_size (rank 0)
-                            rank_00000.pt   per dp rank: data loader state and RNG (python, numpy, torch, cuda)
+                            rank_00000.pt   per dp rank: data loader state and RNG (python, numpy, torch, cuda);
+                                            rank_00000_cp001.pt ... for the other ranks of a cp group
                             config.yaml     the resolved config
 
 A checkpoint is written into `checkpoints/.tmp_step_0000100`, every file fsynced, the directory fsynced, then
@@ -43,8 +44,10 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def rank_file(dp_rank: int) -> str:
-    return f"rank_{dp_rank:05d}.pt"
+def rank_file(dp_rank: int, cp_rank: int = 0) -> str:
+    """A rank's data/RNG file: rank_DDDDD.pt for the first rank of each data-parallel group, rank_DDDDD_cpCCC.pt
+    for the others of a context-parallel group (same data state, their own RNG)."""
+    return f"rank_{dp_rank:05d}.pt" if cp_rank == 0 else f"rank_{dp_rank:05d}_cp{cp_rank:03d}.pt"
 
 
 # ---------------------------------------------------------------------------------------------------- rng
@@ -111,7 +114,7 @@ def save_checkpoint(run_dir: Path, step: int, main_state: dict[str, Any], rank_s
     ctx.barrier()
     error: BaseException | None = None
     try:
-        _write(tmp / rank_file(ctx.dp_rank), rank_state)
+        _write(tmp / rank_file(ctx.dp_rank, ctx.cp_rank), rank_state)
         if ctx.is_main:
             for stem, obj in main_state.items():
                 _write(tmp / f"{stem}.pt", obj)
@@ -198,8 +201,9 @@ def resume_path(cfg: Config) -> Path | None:
 
 
 def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved config stored in a checkpoint, with optional overrides."""
-    return load_config(path / "config.yaml", overrides, world_size=1)
+    """The resolved config stored in a checkpoint, with optional overrides, for use in one process (its
+    tensor/context-parallel sizes reset to 1: they split the work, not the model)."""
+    return load_config(path / "config.yaml", ["parallel.tp=1", "parallel.cp=1", *overrides], world_size=1)
 
 
 def check_compatible(path: Path, cfg: Config, ctx: ParallelContext) -> None:
@@ -211,12 +215,14 @@ def check_compatible(path: Path, cfg: Config, ctx: ParallelContext) -> None:
     if changed:
         raise ConfigError(f"cannot resume from {path}: the model config changed ({'; '.join(changed)}). "
                           "Restore those values, or start fresh with checkpoint.resume=none / a new run.name")
-    num_ranks = len(list(path.glob("rank_*.pt")))
-    if num_ranks != ctx.dp_size:
-        raise ConfigError(f"cannot resume from {path}: it was written by {num_ranks} data-parallel rank(s), this "
-                          f"run has dp_size={ctx.dp_size}. Resharding the data-loader and RNG state is not "
-                          f"supported; relaunch with {num_ranks} process(es) or start fresh with "
-                          "checkpoint.resume=none")
+    num_ranks = len(list(path.glob("rank_[0-9][0-9][0-9][0-9][0-9].pt")))
+    num_cp = 1 + len(list(path.glob("rank_00000_cp*.pt")))
+    if (num_ranks, num_cp) != (ctx.dp_size, ctx.cp_size):
+        raise ConfigError(f"cannot resume from {path}: it was written by {num_ranks} data-parallel rank(s) x "
+                          f"{num_cp} context-parallel rank(s), this run has dp_size={ctx.dp_size} x "
+                          f"cp_size={ctx.cp_size}. Resharding the data-loader and RNG state is not supported; "
+                          f"relaunch with {num_ranks * num_cp} process(es) and parallel.cp={num_cp}, or start "
+                          "fresh with checkpoint.resume=none")
 
 
 def load_main(path: Path, stem: str, map_location: str | torch.device = "cpu") -> Any:
@@ -224,8 +230,8 @@ def load_main(path: Path, stem: str, map_location: str | torch.device = "cpu") -
     return torch.load(path / f"{stem}.pt", map_location=map_location, weights_only=False)
 
 
-def load_rank(path: Path, dp_rank: int) -> dict[str, Any]:
-    return torch.load(path / rank_file(dp_rank), map_location="cpu", weights_only=False)
+def load_rank(path: Path, dp_rank: int, cp_rank: int = 0) -> dict[str, Any]:
+    return torch.load(path / rank_file(dp_rank, cp_rank), map_location="cpu", weights_only=False)
 
 
 def load_model(path: Path, cfg: Config, device: torch.device) -> nn.Module:

@@ -55,11 +55,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.grad_accum_steps(dp)} micro-batch(es) of {cfg.training.micro_batch_size} per rank, dp={dp}")
         print(f"run dir: {cfg.run.path}")
         return 0
-    p = cfg.parallel
-    if (p.tp, p.cp, p.zero_stage) != (1, 1, 0):
-        raise ConfigError(f"parallel.tp={p.tp}, parallel.cp={p.cp}, parallel.zero_stage={p.zero_stage}: tensor/"
-                          "context parallelism and ZeRO are not available yet; training runs data-parallel "
-                          "(DDP) only, so set parallel.tp=1 parallel.cp=1 parallel.zero_stage=0")
+    from mom_train.distributed import check_supported
+
+    check_supported(cfg)
     from mom_train.train import NonFiniteError, train
 
     try:

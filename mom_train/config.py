@@ -420,6 +420,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"global batch of {seqs} sequences is not divisible by `training.micro_batch_size` x "
                           f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}; adjust "
                           "training.global_batch_tokens/global_batch_size or training.micro_batch_size")
+    if p.cp > 1:
+        if m.arch == "transformer":
+            raise ConfigError(f"`parallel.cp` = {p.cp} needs a recurrent model (model.arch mom or gated_deltanet): "
+                              "attention over a split sequence would need ring attention; set parallel.cp=1")
+        if m.arch == "mom" and m.mom_impl == "reference":
+            raise ConfigError(f"`parallel.cp` = {p.cp} runs MoM's fast path; set model.mom_impl=fast")
+        if t.cuda_graphs:
+            raise ConfigError(f"`parallel.cp` = {p.cp} passes states between ranks inside the step, which "
+                              "`training.cuda_graphs` does not capture; set training.cuda_graphs=false")
+        if (t.micro_batch_size * t.seq_len) % p.cp:
+            raise ConfigError(f"a micro-batch of `training.micro_batch_size` x `training.seq_len` = "
+                              f"{t.micro_batch_size} x {t.seq_len} tokens does not split into `parallel.cp` = "
+                              f"{p.cp} equal parts; choose sizes whose product is a multiple of parallel.cp")
     if t.cuda_graphs and m.arch == "mom" and m.mom_impl == "reference":
         raise ConfigError("`training.cuda_graphs` = true cannot capture `model.mom_impl` = 'reference' (it reads "
                           "document boundaries on the host); use model.mom_impl=fast or training.cuda_graphs=false")

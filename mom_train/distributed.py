@@ -19,16 +19,22 @@ from mom_train.config import Config, ConfigError
 
 @dataclass
 class ParallelContext:
-    """Ranks of this process. Data parallel only for now: dp_rank == rank, dp_size == world_size."""
+    """Ranks of this process. The world is dp_size x cp_size ranks, rank = dp_rank * cp_size + cp_rank: the
+    cp_size consecutive ranks of one context-parallel group split each micro-batch's sequence between them
+    (they load the same data), and the dp_size groups see different data."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     dp_rank: int = 0
     dp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
     device: torch.device = torch.device("cpu")
     # None when the run is a single process
     group: dist.ProcessGroup | None = None
     cpu_group: dist.ProcessGroup | None = None
+    # this rank's context-parallel group (None when cp_size == 1)
+    cp_group: dist.ProcessGroup | None = None
     # whether this context created the default process group (and so destroys it in teardown)
     owns_group: bool = False
 
@@ -90,15 +96,16 @@ def init_distributed(cfg: Config, timeout_s: float = 1800.0) -> ParallelContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
-    if cfg.parallel.tp != 1 or cfg.parallel.cp != 1 or cfg.parallel.zero_stage != 0:
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp}, parallel.cp={cfg.parallel.cp}, "
-                          f"parallel.zero_stage={cfg.parallel.zero_stage}: the trainer implements plain data "
-                          "parallelism only for now; set tp=1 cp=1 zero_stage=0")
+    check_supported(cfg)
+    cp = cfg.parallel.cp
+    if world_size % cp:
+        raise ConfigError(f"world size {world_size} is not divisible by `parallel.cp` = {cp}; launch a multiple "
+                          "of parallel.cp processes")
     device = resolve_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ctx = ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, dp_rank=rank,
-                          dp_size=world_size, device=device)
+    ctx = ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, dp_rank=rank // cp,
+                          dp_size=world_size // cp, cp_rank=rank % cp, cp_size=cp, device=device)
     if world_size == 1:
         return ctx
     if not dist.is_initialized():
@@ -109,7 +116,22 @@ def init_distributed(cfg: Config, timeout_s: float = 1800.0) -> ParallelContext:
     ctx.group = dist.group.WORLD
     is_gloo = dist.get_backend() == "gloo"
     ctx.cpu_group = ctx.group if is_gloo else dist.new_group(backend="gloo")
+    if cp > 1:
+        # every rank creates every group, in the same order; it keeps its own
+        for first in range(0, world_size, cp):
+            group = dist.new_group(list(range(first, first + cp)))
+            if first == rank - ctx.cp_rank:
+                ctx.cp_group = group
     return ctx
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse parallel settings the trainer does not implement, naming the fix."""
+    p = cfg.parallel
+    if p.tp != 1 or p.zero_stage != 0:
+        raise ConfigError(f"parallel.tp={p.tp}, parallel.zero_stage={p.zero_stage}: tensor parallelism and ZeRO "
+                          "are not available yet; training runs data-parallel (DDP) and context-parallel "
+                          "(parallel.cp), so set parallel.tp=1 parallel.zero_stage=0")
 
 
 def teardown(ctx: ParallelContext, clean: bool = True) -> None:

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mom_train.config import Config, ConfigError, TrainingConfig
 from mom_train.distributed import ParallelContext
 from mom_train.graphed_step import FlatGrads, GraphedMicroBatch, MicroBatchOutputs, autocast_for_capture
+from mom_train.parallel.context import ContextParallel
 
 NO_DECAY_NAMES = ("A_log", "dt_bias")
 
@@ -132,15 +133,20 @@ class Engine:
             self.graphed = GraphedMicroBatch(model, self.flat_grads, autocast, capture=capture)
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
-                         ce_scale: float, aux_scale: float, last: bool) -> MicroBatchOutputs:
+                         ce_scale: float, aux_scale: float, last: bool,
+                         context: ContextParallel | None = None) -> MicroBatchOutputs:
         """Forward one packed micro-batch (input_ids, labels long [1, T], cu_seqlens int32 [N+1]) and accumulate
         the gradient of loss_sum * ce_scale + aux_loss * aux_scale. last: the step's final micro-batch (DDP
-        all-reduces its gradients). The returned scalars are only valid until the next call."""
+        all-reduces its gradients). context: the batch is this rank's part of a sequence split over a
+        context-parallel group (`shard_batch`; labels are then shifted targets). The returned scalars are only
+        valid until the next call."""
         if self.graphed is not None:
+            if context is not None:
+                raise ValueError("training.cuda_graphs does not capture context-parallel steps")
             return self.graphed(input_ids, labels, cu_seqlens, ce_scale, aux_scale)
         with self.no_sync(sync=last):
             with self.autocast():
-                out = self.model(input_ids, cu_seqlens=cu_seqlens, labels=labels)
+                out = self.model(input_ids, cu_seqlens=cu_seqlens, labels=labels, context=context)
             self.backward(out.loss_sum * ce_scale + out.aux_loss * aux_scale)
         load = out.router_load.detach() if out.router_load is not None else None
         return MicroBatchOutputs(out.loss_sum.detach(), out.aux_loss.detach(), load)

@@ -3,9 +3,10 @@
 One optimizer step on each data-parallel rank:
     fetch grad_accum micro-batches (CPU) -> count their valid targets on the host -> sum the count over ranks
     (gloo, no GPU sync) -> per micro-batch: forward, backward of
-        loss_sum / global_valid * dp_size + aux_loss_coef * aux_loss / grad_accum
+        loss_sum / global_valid * world_size + aux_loss_coef * aux_loss / grad_accum
     (DDP averages gradients over ranks, so the CE gradient is that of the global token mean; the gradient
-    all-reduce runs on the last micro-batch only) -> clip -> AdamW (skipped on the device when the loss or the
+    all-reduce runs on the last micro-batch only; with parallel.cp the ranks of a context-parallel group load
+    the same micro-batches and each runs its part of every packed sequence, states passed between them) -> clip -> AdamW (skipped on the device when the loss or the
     gradient is not finite) -> metrics on the device.
 Host syncs: one per logging interval (metrics), plus one per step with training.nan_policy=stop (to stop at
 the first bad step). SIGTERM/SIGINT finish the current step, save a checkpoint and return normally.
@@ -28,6 +29,7 @@ from mom_train.eval import evaluate
 from mom_train.metrics import MetricsLogger, Window, peak_flops
 from mom_train.model import build_model, flops_per_token
 from mom_train.optim import Engine
+from mom_train.parallel.context import ContextParallel, shard_batch
 
 
 class NonFiniteError(RuntimeError):
@@ -51,12 +53,22 @@ def count_valid_targets(batch: Batch) -> int:
     return int(valid.sum())
 
 
-def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, labels, cu_seqlens) on `device`, copied asynchronously from pinned memory on CUDA."""
-    tensors = (batch.input_ids, batch.labels, batch.cu_seqlens)
+def to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """CPU tensors on `device`, copied asynchronously from pinned memory on CUDA."""
     if device.type != "cuda":
         return tensors
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+
+
+def micro_batch_inputs(batch: Batch, ctx: ParallelContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     ContextParallel | None]:
+    """(input_ids, labels, cu_seqlens, context) of this rank on its device: the whole micro-batch, or under
+    context parallelism this rank's part of its packed sequence (labels then shifted targets)."""
+    if ctx.cp_size == 1:
+        return (*to_device((batch.input_ids, batch.labels, batch.cu_seqlens), ctx.device), None)
+    input_ids, targets, cu_seqlens, context = shard_batch(batch.input_ids, batch.labels, batch.cu_seqlens,
+                                                          ctx.cp_group)
+    return (*to_device((input_ids, targets, cu_seqlens), ctx.device), context)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -99,7 +111,7 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         engine.load_state_dict({"model": load_main(resume, "model", ctx.device),
                                 "optimizer": load_main(resume, "optimizer", ctx.device),
                                 "schedule": state["schedule"]})
-        own = load_rank(resume, ctx.dp_rank)
+        own = load_rank(resume, ctx.dp_rank, ctx.cp_rank)
         loader.load_state_dict(own["data"])
         set_rng_state(own["rng"])
         step, tokens, num_skipped = state["step"], state["tokens"], state["skipped_steps"]
@@ -132,17 +144,18 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         before = (loader.state_dict(), rng_state()) if t.nan_policy == "stop" else None
         batches = [next(loader) for _ in range(grad_accum)]
         stats = batches[-1].stats
-        global_valid = ctx.sum_int(sum(count_valid_targets(b) for b in batches))
+        # the ranks of a context-parallel group hold the same micro-batches: count each group once
+        global_valid = ctx.sum_int(sum(count_valid_targets(b) for b in batches)) // ctx.cp_size
         lr = engine.set_lr(step)
-        # the global count is a host number: scaling by it launches no transfer
-        ce_scale = ctx.dp_size / max(global_valid, 1)
+        # the global count is a host number: scaling by it launches no transfer. DDP averages over every rank
+        ce_scale = ctx.world_size / max(global_valid, 1)
         step_loss = torch.zeros((), device=ctx.device)
         step_aux = torch.zeros((), device=ctx.device)
         step_load = None
         for i, batch in enumerate(batches):
-            input_ids, labels, cu_seqlens = to_device(batch, ctx.device)
+            input_ids, labels, cu_seqlens, context = micro_batch_inputs(batch, ctx)
             out = engine.forward_backward(input_ids, labels, cu_seqlens, ce_scale, coef / grad_accum,
-                                          last=i == grad_accum - 1)
+                                          last=i == grad_accum - 1, context=context)
             # consumed (in stream order) before the next micro-batch overwrites a graphed step's outputs
             step_loss += out.loss_sum.float()
             step_aux += out.aux_loss.float() / grad_accum

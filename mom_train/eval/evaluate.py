@@ -40,8 +40,10 @@ def evaluate(model: nn.Module, cfg: Config, ctx: ParallelContext) -> dict[str, f
     loader = build_eval_loader(cfg, ctx)
     # loss_sum, num_valid, num_correct, num_answers
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    # a context-parallel group evaluates whole sequences on its first rank (the others add zeros)
+    num_batches = cfg.eval.num_batches if ctx.cp_rank == 0 else 0
     try:
-        for _, batch in zip(range(cfg.eval.num_batches), loader):
+        for _, batch in zip(range(num_batches), loader):
             input_ids, labels = batch.input_ids.to(ctx.device), batch.labels.to(ctx.device)
             cu_seqlens = batch.cu_seqlens.to(ctx.device)
             with autocast_context(cfg.training.precision, ctx.device):

@@ -1,6 +1,6 @@
 """Context parallelism for the gated delta rule: a packed sequence split contiguously over the ranks of a
 process group, each recurrent state carried across rank boundaries from per-rank affine summaries (LASP-2
-style, ordered composition).
+style, ordered composition). Used by the trainer under `parallel.cp` (see `shard_batch`).
 
 Over one rank's rows of a segment, the delta rule S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1}
 + beta_t k_t v_t^T is affine in the state that enters: S_out = M S_in + S_0, with M [K, K] the product of
@@ -11,8 +11,8 @@ order to get the state entering its first segment; then it runs the kernel once 
 state. Gradients flow back through the composition and the gather (an all-reduce in backward), so every
 input's gradient equals the single-process one.
 
-A "chain" is one recurrent stream that may cross ranks: Gated DeltaNet has one per head group (one chain);
-MoM's buffer has one per memory and one for the shared memory, each laid out as its own run of segments.
+A "chain" is one recurrent stream that may cross ranks (all heads at once): Gated DeltaNet's packed sequence
+is one chain; MoM's buffer has one per memory and one for the shared memory, each its own run of segments.
 Chain c enters this rank in segment first_segments[c] and leaves it from segment last_segments[c].
 
 Documents are kept apart: a chain passes a state on only where `continues_out` says its last segment's

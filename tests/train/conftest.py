@@ -25,9 +25,9 @@ WORDS = ("the cat sat on a mat while seven quiet engineers measured memory routi
          "and wrote checkpoints that resume exactly").split()
 
 
-def mqar_config(run_dir: Path, *overrides: str) -> Config:
+def mqar_config(run_dir: Path, *overrides: str, world_size: int = 1) -> Config:
     return load_config(ROOT / "configs" / "quickstart.yaml", [f"run.dir={run_dir}", *TINY_MQAR, *overrides],
-                       world_size=1)
+                       world_size=world_size)
 
 
 def text_config(run_dir: Path, data_root: Path, *overrides: str) -> Config:

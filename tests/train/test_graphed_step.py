@@ -124,7 +124,8 @@ def _run_steps(cfg, steps: list[list], ctx: ParallelContext | None = None):
         engine.set_lr(step)
         step_loss = torch.zeros((), device=ctx.device)
         for i, b in enumerate(batches):
-            out = engine.forward_backward(*to_device(b, ctx.device), ctx.dp_size / total,
+            out = engine.forward_backward(*to_device((b.input_ids, b.labels, b.cu_seqlens), ctx.device),
+                                          ctx.dp_size / total,
                                           cfg.model.aux_loss_coef / len(batches), last=i == len(batches) - 1)
             step_loss += out.loss_sum
         norm, _ = engine.step(step_loss)

@@ -1,0 +1,92 @@
+"""Training with context parallelism (parallel.cp) on CPU / gloo: 2 ranks splitting every packed sequence
+train like one process, and resume bitwise from a checkpoint they wrote.
+
+Micro-batches of 3 MQAR sequences of 40 tokens (120 rows) split at row 60, inside the second sequence, so
+every step passes delta-rule states and conv halos from rank 0 to rank 1 (4 memories, top-2, shared memory).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mom_train.train as train_mod
+from mom_train.checkpoint import latest_checkpoint, load_main
+from mom_train.config import ConfigError
+from tests.train.conftest import SignalAfter, mqar_config, read_losses
+
+CP = ["training.micro_batch_size=3", "training.global_batch_size=6"]
+# the router's balance loss is computed per rank from its own rows (as per micro-batch under data
+# parallelism), so only without it is the update the single-process one
+NO_AUX = ["model.aux_loss_coef=0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, run_dir: str, preempt_after: int, overrides: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if preempt_after and rank == 0:
+        build = train_mod.build_loader
+        train_mod.build_loader = lambda *a, **k: SignalAfter(build(*a, **k), preempt_after)
+    out = train_mod.train(mqar_config(Path(run_dir), *overrides, world_size=world))
+    assert out["preempted"] == bool(preempt_after)
+
+
+def _spawn(run_dir: Path, preempt_after: int = 0, *overrides: str) -> None:
+    args = (2, _free_port(), str(run_dir), preempt_after, [*CP, "parallel.cp=2", *overrides])
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
+
+
+def test_two_context_parallel_ranks_train_like_one_process(tmp_path):
+    steps = 6
+    torch.set_num_threads(1)
+    train_mod.train(mqar_config(tmp_path / "one", *CP, *NO_AUX))
+    _spawn(tmp_path / "cp", 0, *NO_AUX)
+    one, cp = read_losses(tmp_path / "one" / "quickstart"), read_losses(tmp_path / "cp" / "quickstart")
+    assert sorted(one) == sorted(cp) == list(range(1, steps + 1))
+    for step in one:
+        assert abs(cp[step] - one[step]) <= 1e-5 * abs(one[step]), f"step {step}: {cp[step]} != {one[step]}"
+    # the same weights after the last step (the updates were the same up to summation order)
+    ref = load_main(latest_checkpoint(tmp_path / "one" / "quickstart"), "model")
+    got = load_main(latest_checkpoint(tmp_path / "cp" / "quickstart"), "model")
+    for name, value in ref.items():
+        err = ((got[name] - value).norm() / value.norm().clamp_min(1e-12)).item()
+        assert err < 1e-4, f"{name}: rel err {err:.2e}"
+
+
+def test_context_parallel_resume_is_bitwise(tmp_path):
+    steps = 6
+    _spawn(tmp_path / "a")
+    _spawn(tmp_path / "b", 4)
+    # grad accumulation 2: 4 batches = 2 steps
+    saved = latest_checkpoint(tmp_path / "b" / "quickstart")
+    assert saved.name == "step_0000002"
+    assert sorted(p.name for p in saved.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00000_cp001.pt"]
+    _spawn(tmp_path / "b")
+    a, b = read_losses(tmp_path / "a" / "quickstart"), read_losses(tmp_path / "b" / "quickstart")
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert a[step] == b[step], f"step {step}: {a[step]!r} != {b[step]!r}"
+    # a single process cannot take over the two ranks' data and RNG state
+    with pytest.raises(ConfigError, match="context-parallel"):
+        train_mod.train(mqar_config(tmp_path / "b", *CP, "training.steps=8"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.arch=transformer", "model.num_heads=2", "model.head_dim=16"], "ring attention"),
+    (["model.mom_impl=reference"], "mom_impl=fast"),
+    (["training.micro_batch_size=1", "training.seq_len=41", "training.global_batch_size=2"], "equal parts"),
+])
+def test_context_parallel_config_errors(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        mqar_config(tmp_path, "parallel.cp=2", *overrides, world_size=2)
