@@ -93,13 +93,14 @@ class Window:
         good = self.num_steps - num_skipped
         out: dict[str, Any] = {
             "loss": values[0] / num_valid if num_valid else math.nan,
-            # every rank's aux loss (context-parallel ranks each score their own rows): the mean over ranks
-            "aux_loss": values[1] / ctx.world_size / good if good else math.nan,
+            # the ranks of a context-parallel group each hold a share of their sequence's aux loss
+            "aux_loss": values[1] / ctx.dp_size / good if good else math.nan,
             "grad_norm": grad_norm / good if good else math.nan,
             "skipped_steps": int(num_skipped),
         }
         if self.router_load is not None:
             shape = self.router_load.shape
+            # every rank of a context-parallel group reports its group's load
             load = torch.tensor(values[2:], dtype=torch.float64).view(shape) / (ctx.world_size * self.num_steps)
             out["router_load"] = [[round(x, 4) for x in row] for row in load.tolist()]
         self.reset()

@@ -154,7 +154,8 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         step_load = None
         for i, batch in enumerate(batches):
             input_ids, labels, cu_seqlens, context = micro_batch_inputs(batch, ctx)
-            out = engine.forward_backward(input_ids, labels, cu_seqlens, ce_scale, coef / grad_accum,
+            # a context-parallel rank's aux loss is its share of the group's (DDP averages over all ranks)
+            out = engine.forward_backward(input_ids, labels, cu_seqlens, ce_scale, coef * ctx.cp_size / grad_accum,
                                           last=i == grad_accum - 1, context=context)
             # consumed (in stream order) before the next micro-batch overwrites a graphed step's outputs
             step_loss += out.loss_sum.float()

@@ -122,7 +122,7 @@ class MoMAttention(nn.Module):
         x = x.reshape(B * T, D)
         if cache is not None:
             self._check_cache(cache, cu_seqlens.numel() - 1)
-        routing = route(self.router(x), self.topk)
+        routing = route(self.router(x), self.topk, context.group if context is not None else None)
         if self.impl == "fast":
             o, new_cache = self._mix_fast(x, routing, cu_seqlens, cache, use_cache, context)  # [L, H, dv]
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -33,30 +34,40 @@ class Routing:
     load: torch.Tensor
 
 
-def route(logits: torch.Tensor, topk: int) -> Routing:
-    """Softmax (fp32) over logits [L, E], top-k, renormalise the k weights; plus the load-balance loss."""
+def route(logits: torch.Tensor, topk: int, group: dist.ProcessGroup | None = None) -> Routing:
+    """Softmax (fp32) over logits [L, E], top-k, renormalise the k weights; plus the load-balance loss
+    (over the tokens of every rank of `group`, a context-parallel group; see `load_balance_loss`)."""
     num_memories = logits.shape[-1]
     if not 1 <= topk <= num_memories:
         raise ValueError(f"route: topk={topk} must be in [1, num_memories={num_memories}]")
     probs = logits.float().softmax(-1)
     top_p, topk_idx = probs.topk(topk, dim=-1)
     topk_weight = top_p / top_p.sum(-1, keepdim=True)
-    aux_loss, load = load_balance_loss(probs, topk_idx)
+    aux_loss, load = load_balance_loss(probs, topk_idx, group)
     return Routing(probs, topk_idx, topk_weight, aux_loss, load)
 
 
-def load_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def load_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor,
+                      group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch/Mixtral balance loss E * sum_e f_e * P_e and the per-memory load.
 
     probs [L, E] fp32; topk_idx [L, k]. f_e = fraction of tokens routed to e (sums to k over e), P_e = mean
     router probability of e; so a balanced router (f_e = k/E, P_e = 1/E) scores exactly k. Only P_e carries a
     gradient. Returns (aux_loss scalar, load [E]) where load = f_e / k is the fraction of (token, choice)
     slots routed to e (sums to 1). With no tokens both are 0.
+
+    group: the ranks of a context-parallel group, each holding L of the sequence's tokens. f_e then counts
+    every rank's tokens (one all-reduce of E counts, no gradient) and this rank returns its share of the
+    loss, E * sum_e f_e * (its probability sum)_e / (all tokens): the shares add up to the loss over the
+    whole sequence, with its exact gradient. load is the whole group's.
     """
     num_tokens, num_memories = probs.shape
     topk = topk_idx.shape[-1]
     counts = torch.zeros(num_memories, device=probs.device, dtype=torch.float32)
     counts = counts.scatter_add(0, topk_idx.reshape(-1), torch.ones_like(topk_idx, dtype=torch.float32).reshape(-1))
+    if group is not None:
+        dist.all_reduce(counts, group=group)
+        num_tokens *= dist.get_world_size(group)
     denom = max(num_tokens, 1)
     tokens_frac = counts / denom  # [E], f_e
     mean_prob = probs.sum(0) / denom  # [E], P_e

@@ -51,21 +51,24 @@ def _worker(rank: int, world: int, port: int, arch: str) -> None:
         local_ids, targets, local_cu, context = shard_batch(ids, ids, cu, dist.group.WORLD)
         assert isinstance(context, ContextParallel)
         out = model(local_ids, cu_seqlens=local_cu, labels=targets, context=context)
-        out.loss_sum.backward()
-        loss_sum = out.loss_sum.detach().clone()
+        # MoM: each rank's aux loss is its share of the whole sequence's
+        (out.loss_sum + out.aux_loss).backward()
+        loss_sum, aux_loss = out.loss_sum.detach().clone(), out.aux_loss.detach().clone()
         num_valid = out.num_valid.clone()
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(num_valid)
+        for t in (loss_sum, aux_loss, num_valid):
+            dist.all_reduce(t)
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         for g in grads.values():
             dist.all_reduce(g)
         if rank == 0:
             model.zero_grad()
             full = model(ids, cu_seqlens=cu, labels=ids)
-            full.loss_sum.backward()
+            (full.loss_sum + full.aux_loss).backward()
             assert int(num_valid) == int(full.num_valid) == sum(n - 1 for n in LENGTHS if n > 0)
             err = ((loss_sum - full.loss_sum).abs() / full.loss_sum.abs()).item()
             assert err < 1e-6, f"loss_sum: rel err {err:.2e}"
+            assert ((aux_loss - full.aux_loss).abs() <= 1e-6 * full.aux_loss.abs().clamp_min(1e-12)).item()
+            assert (arch == "mom") == bool(full.aux_loss > 0)
             for name, p in model.named_parameters():
                 ref = p.grad
                 err = ((grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)).item()

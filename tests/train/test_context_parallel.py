@@ -6,6 +6,7 @@ every step passes delta-rule states and conv halos from rank 0 to rank 1 (4 memo
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -19,10 +20,13 @@ from mom_train.checkpoint import latest_checkpoint, load_main
 from mom_train.config import ConfigError
 from tests.train.conftest import SignalAfter, mqar_config, read_losses
 
+
+def read_records(run_dir: Path) -> dict[int, dict]:
+    """step -> the training record of metrics.jsonl."""
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r for r in records if "loss" in r}
+
 CP = ["training.micro_batch_size=3", "training.global_batch_size=6"]
-# the router's balance loss is computed per rank from its own rows (as per micro-batch under data
-# parallelism), so only without it is the update the single-process one
-NO_AUX = ["model.aux_loss_coef=0"]
 
 
 def _free_port() -> int:
@@ -42,26 +46,43 @@ def _worker(rank: int, world: int, port: int, run_dir: str, preempt_after: int, 
     assert out["preempted"] == bool(preempt_after)
 
 
-def _spawn(run_dir: Path, preempt_after: int = 0, *overrides: str) -> None:
-    args = (2, _free_port(), str(run_dir), preempt_after, [*CP, "parallel.cp=2", *overrides])
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+def _spawn(run_dir: Path, preempt_after: int = 0, *overrides: str, world: int = 2, cp: int = 2) -> None:
+    args = (world, _free_port(), str(run_dir), preempt_after, [*CP, f"parallel.cp={cp}", *overrides])
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
 
 
 def test_two_context_parallel_ranks_train_like_one_process(tmp_path):
     steps = 6
     torch.set_num_threads(1)
-    train_mod.train(mqar_config(tmp_path / "one", *CP, *NO_AUX))
-    _spawn(tmp_path / "cp", 0, *NO_AUX)
-    one, cp = read_losses(tmp_path / "one" / "quickstart"), read_losses(tmp_path / "cp" / "quickstart")
+    train_mod.train(mqar_config(tmp_path / "one", *CP))
+    _spawn(tmp_path / "cp")
+    one, cp = read_records(tmp_path / "one" / "quickstart"), read_records(tmp_path / "cp" / "quickstart")
     assert sorted(one) == sorted(cp) == list(range(1, steps + 1))
     for step in one:
-        assert abs(cp[step] - one[step]) <= 1e-5 * abs(one[step]), f"step {step}: {cp[step]} != {one[step]}"
+        # the train loss, the router's balance loss over the whole sequence, and the memories' load
+        for key in ("loss", "aux_loss"):
+            assert abs(cp[step][key] - one[step][key]) <= 1e-5 * abs(one[step][key]), (step, key, cp[step], one[step])
+        assert cp[step]["router_load"] == one[step]["router_load"]
     # the same weights after the last step (the updates were the same up to summation order)
     ref = load_main(latest_checkpoint(tmp_path / "one" / "quickstart"), "model")
     got = load_main(latest_checkpoint(tmp_path / "cp" / "quickstart"), "model")
     for name, value in ref.items():
         err = ((got[name] - value).norm() / value.norm().clamp_min(1e-12)).item()
         assert err < 1e-4, f"{name}: rel err {err:.2e}"
+
+
+def test_two_data_parallel_groups_of_two_train_like_data_parallel(tmp_path):
+    # 4 ranks: dp 2 x cp 2 against dp 2 alone (each group must see its own data and sum its halves)
+    steps = 6
+    _spawn(tmp_path / "dp", world=2, cp=1)
+    _spawn(tmp_path / "dpcp", world=4, cp=2)
+    dp, dpcp = read_losses(tmp_path / "dp" / "quickstart"), read_losses(tmp_path / "dpcp" / "quickstart")
+    assert sorted(dp) == sorted(dpcp) == list(range(1, steps + 1))
+    for step in dp:
+        assert abs(dpcp[step] - dp[step]) <= 1e-5 * abs(dp[step]), f"step {step}: {dpcp[step]} != {dp[step]}"
+    saved = latest_checkpoint(tmp_path / "dpcp" / "quickstart")
+    assert sorted(p.name for p in saved.glob("rank_*.pt")) == [
+        "rank_00000.pt", "rank_00000_cp001.pt", "rank_00001.pt", "rank_00001_cp001.pt"]
 
 
 def test_context_parallel_resume_is_bitwise(tmp_path):
