@@ -9,7 +9,6 @@ conv definition, with the halo each rank receives as its first segment's initial
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from mom_train.kernels.short_conv import naive_short_conv
 from mom_train.parallel.context import (
     context_parallel_conv_state, context_parallel_gated_delta_rule, local_segments, shard_packed_sequence)
 
+from tests.ranks import free_port
 H, K, V = 2, 8, 6
 # short conv: channels and width (a halo of 3 rows crosses ranks holding fewer rows than that)
 CH, W = 5, 4
@@ -36,12 +36,6 @@ CHAINS = {
         ([40, 10], [20, 22]),  # the middle rank holds 2 rows of a document: less than the conv halo
         ([30, 10], [15, 15])],  # the middle rank holds no rows of a document that crosses it
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(total: int, seed: int) -> dict[str, torch.Tensor]:
@@ -125,7 +119,7 @@ def _worker(rank: int, world: int, port: int, seed: int, out_dir: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_equal_one_process(world: int, tmp_path):
     seed = 10 * world
-    mp.spawn(_worker, args=(world, _free_port(), seed, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), seed, str(tmp_path)), nprocs=world, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     reference = _reference(CHAINS[world], seed)
     names = ("o", "conv", "dq", "dk", "dv", "dg", "dbeta", "dx")

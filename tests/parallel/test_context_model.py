@@ -6,33 +6,17 @@ has 4 memories, top-2 and a shared memory, so every memory's state and conv halo
 """
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mom_train.config import ModelConfig
 from mom_train.model import build_model
 from mom_train.parallel.context import ContextParallel, shard_batch
+from tests.model.test_lm import VOCAB, tiny_config
+from tests.ranks import free_port
 
-VOCAB = 97
 LENGTHS = [70, 0, 1, 130, 63]  # 264 rows: 132 per rank at cp=2, 88 at cp=3
-
-
-def _config(arch: str) -> ModelConfig:
-    cfg = ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, head_dim=16, vocab_size=VOCAB,
-                      hidden_ratio=2, init_std=0.2, kernel_backend="torch")
-    if arch == "gated_deltanet":
-        cfg.expand_v = 2
-    return cfg
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +30,7 @@ def _worker(rank: int, world: int, port: int, arch: str) -> None:
     try:
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        model = build_model(_config(arch))
+        model = build_model(tiny_config(arch))
         ids, cu = _batch()
         local_ids, targets, local_cu, context = shard_batch(ids, ids, cu, dist.group.WORLD)
         assert isinstance(context, ContextParallel)
@@ -80,13 +64,13 @@ def _worker(rank: int, world: int, port: int, arch: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("arch", ["gated_deltanet", "mom"])
 def test_ranks_equal_one_process(arch: str, world: int):
-    mp.spawn(_worker, args=(world, _free_port(), arch), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), arch), nprocs=world, join=True)
 
 
 def test_transformer_and_decoding_refuse_context():
     ids, cu = _batch()
     context = ContextParallel(group=None, continues_out=False)
     with pytest.raises(ValueError, match="ring attention"):
-        build_model(_config("transformer"))(ids, cu_seqlens=cu, labels=ids, context=context)
+        build_model(tiny_config("transformer"))(ids, cu_seqlens=cu, labels=ids, context=context)
     with pytest.raises(ValueError, match="packed"):
-        build_model(_config("mom"))(ids.view(2, -1), labels=ids.view(2, -1), context=context)
+        build_model(tiny_config("mom"))(ids.view(2, -1), labels=ids.view(2, -1), context=context)

@@ -91,3 +91,29 @@ class SignalAfter:
 
     def close(self):
         self.loader.close()
+
+
+def train_ranks(run_dir: Path, world: int, overrides: list[str], preempt_after: int = 0) -> None:
+    """Train `mqar_config(run_dir, *overrides)` on `world` processes (gloo, as torchrun would launch them);
+    with preempt_after, rank 0 is signalled once it took that many batches (the ranks must agree to stop)."""
+    import torch.multiprocessing as mp
+
+    from tests.ranks import free_port
+
+    mp.spawn(_train_rank, args=(world, free_port(), str(run_dir), preempt_after, overrides), nprocs=world,
+             join=True)
+
+
+def _train_rank(rank: int, world: int, port: int, run_dir: str, preempt_after: int, overrides: list[str]) -> None:
+    import torch
+
+    import mom_train.train as train_mod
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if preempt_after and rank == 0:
+        build = train_mod.build_loader
+        train_mod.build_loader = lambda *a, **k: SignalAfter(build(*a, **k), preempt_after)
+    out = train_mod.train(mqar_config(Path(run_dir), *overrides, world_size=world))
+    assert out["preempted"] == bool(preempt_after)

@@ -7,18 +7,15 @@ every step passes delta-rule states and conv halos from rank 0 to rank 1 (4 memo
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import mom_train.train as train_mod
 from mom_train.checkpoint import latest_checkpoint, load_main
 from mom_train.config import ConfigError
-from tests.train.conftest import SignalAfter, mqar_config, read_losses
+from tests.train.conftest import mqar_config, read_losses, train_ranks
 
 
 def read_records(run_dir: Path) -> dict[int, dict]:
@@ -26,29 +23,12 @@ def read_records(run_dir: Path) -> dict[int, dict]:
     records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
     return {r["step"]: r for r in records if "loss" in r}
 
+
 CP = ["training.micro_batch_size=3", "training.global_batch_size=6"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, run_dir: str, preempt_after: int, overrides: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    if preempt_after and rank == 0:
-        build = train_mod.build_loader
-        train_mod.build_loader = lambda *a, **k: SignalAfter(build(*a, **k), preempt_after)
-    out = train_mod.train(mqar_config(Path(run_dir), *overrides, world_size=world))
-    assert out["preempted"] == bool(preempt_after)
-
-
 def _spawn(run_dir: Path, preempt_after: int = 0, *overrides: str, world: int = 2, cp: int = 2) -> None:
-    args = (world, _free_port(), str(run_dir), preempt_after, [*CP, f"parallel.cp={cp}", *overrides])
-    mp.spawn(_worker, args=args, nprocs=world, join=True)
+    train_ranks(run_dir, world, [*CP, f"parallel.cp={cp}", *overrides], preempt_after)
 
 
 def test_two_context_parallel_ranks_train_like_one_process(tmp_path):

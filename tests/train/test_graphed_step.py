@@ -17,6 +17,7 @@ from mom_train.graphed_step import FlatGrads, pad_cu_seqlens, segment_bucket
 from mom_train.model import build_model
 from mom_train.optim import Engine
 from mom_train.train import count_valid_targets, to_device
+from tests.ranks import free_port
 from tests.train.conftest import mqar_config
 
 
@@ -170,14 +171,6 @@ def test_replaced_grad_is_an_error(tmp_path):
         engine.step(torch.zeros(()))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # the router's load-balancing loss is a statistic of each micro-batch, so halving micro-batches changes it
 DP_COMMON = ("training.micro_batch_size=4", "training.global_batch_size=8", "model.aux_loss_coef=0")
 
@@ -201,7 +194,7 @@ def _dp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None
 def test_graphed_two_ranks_gloo_equal_one_rank(tmp_path):
     """Flat-buffer all-reduce: 2 ranks x 2 micro-batches of 2 sequences = 1 rank x 2 micro-batches of 4."""
     out = str(tmp_path / "two.pt")
-    mp.spawn(_dp_worker, args=(2, _free_port(), str(tmp_path), out), nprocs=2, join=True)
+    mp.spawn(_dp_worker, args=(2, free_port(), str(tmp_path), out), nprocs=2, join=True)
     two = torch.load(out)
     cfg = mqar_config(tmp_path, *DP_COMMON)
     params, _, norms, _ = _run_steps(cfg, _global_batches(cfg, 2))

@@ -1,18 +1,14 @@
 """Bitwise resume on CPU: N steps straight == the same run preempted by SIGTERM midway and resumed (auto)."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
 import mom_train.train as train_mod
 from mom_train.checkpoint import latest_checkpoint
 from mom_train.config import ConfigError
-from tests.train.conftest import SignalAfter, mqar_config, read_losses, text_config
+from tests.train.conftest import SignalAfter, mqar_config, read_losses, text_config, train_ranks
 
 
 def _preempt_after(monkeypatch, batches: int) -> None:
@@ -60,28 +56,9 @@ def test_resume_refuses_changed_model(tmp_path):
         train_mod.train(mqar_config(tmp_path, "training.steps=2", "model.hidden_size=64"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dp_worker(rank: int, world: int, port: int, run_dir: str, preempt_after: int, overrides: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    if preempt_after and rank == 0:
-        # only rank 0 is signalled: the ranks must agree to stop at the same step
-        build = train_mod.build_loader
-        train_mod.build_loader = lambda *a, **k: SignalAfter(build(*a, **k), preempt_after)
-    out = train_mod.train(mqar_config(Path(run_dir), *overrides))
-    assert out["preempted"] == bool(preempt_after)
-
-
 def _spawn(run_dir: Path, preempt_after: int = 0, *overrides: str) -> None:
     # 2 ranks x micro-batch 4 x grad accumulation 2
-    args = (2, _free_port(), str(run_dir), preempt_after, ["training.global_batch_size=16", *overrides])
-    mp.spawn(_dp_worker, args=args, nprocs=2, join=True)
+    train_ranks(run_dir, 2, ["training.global_batch_size=16", *overrides], preempt_after)
 
 
 def test_resume_bitwise_two_ranks_gloo(tmp_path):
