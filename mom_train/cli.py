@@ -52,7 +52,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_model(cfg))
         dp = max(1, _world_size() // (cfg.parallel.tp * cfg.parallel.cp))
         print(f"batch: {cfg.global_batch_sequences(dp)} sequences x {cfg.training.seq_len} tokens per step, "
-              f"{cfg.grad_accum_steps(dp)} micro-batch(es) of {cfg.training.micro_batch_size} per rank, dp={dp}")
+              f"{cfg.grad_accum_steps(dp)} micro-batch(es) of {cfg.training.micro_batch_size} per rank, dp={dp}"
+              + (f", cp={cfg.parallel.cp} (each micro-batch split over {cfg.parallel.cp} ranks)"
+                 if cfg.parallel.cp > 1 else ""))
         print(f"run dir: {cfg.run.path}")
         return 0
     from mom_train.distributed import check_supported
