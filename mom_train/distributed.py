@@ -128,10 +128,14 @@ def init_distributed(cfg: Config, timeout_s: float = 1800.0) -> ParallelContext:
 def check_supported(cfg: Config) -> None:
     """Refuse parallel settings the trainer does not implement, naming the fix."""
     p = cfg.parallel
-    if p.tp != 1 or p.zero_stage != 0:
-        raise ConfigError(f"parallel.tp={p.tp}, parallel.zero_stage={p.zero_stage}: tensor parallelism and ZeRO "
-                          "are not available yet; training runs data-parallel (DDP) and context-parallel "
-                          "(parallel.cp), so set parallel.tp=1 parallel.zero_stage=0")
+    if p.tp != 1:
+        raise ConfigError(f"parallel.tp={p.tp}: tensor parallelism is not available yet; training runs "
+                          "data-parallel (DDP), context-parallel (parallel.cp) and with ZeRO stage 1, so set "
+                          "parallel.tp=1")
+    if p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: ZeRO stages 2 and 3 (sharded gradients and "
+                          "parameters) are not available yet; use parallel.zero_stage=1 (sharded optimizer "
+                          "state) or 0")
 
 
 def teardown(ctx: ParallelContext, clean: bool = True) -> None:

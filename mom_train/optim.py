@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from mom_train.config import Config, ConfigError, TrainingConfig
@@ -90,6 +91,19 @@ class WarmupCosine:
                   "the current config's schedule applies")
 
 
+def build_optimizer(groups: list[dict], t: TrainingConfig, ctx: ParallelContext,
+                    zero_stage: int) -> torch.optim.Optimizer:
+    """Fused AdamW over the parameter groups; with zero_stage 1 on several ranks, ZeRO stage 1: each rank keeps
+    the AdamW moments of and updates only its shard of the parameters (about 1/world of them), then the
+    updated shards are broadcast (torch's ZeroRedundancyOptimizer over all ranks, which hold the same
+    gradients after the all-reduce). Checkpoints hold the full, consolidated state either way."""
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
+    if zero_stage == 1 and ctx.distributed:
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=ctx.group,
+                                       **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
 class Engine:
     """Model (DDP-wrapped when dp_size > 1, or graphed), fused AdamW with grad-norm clipping and a sync-free
     NaN skip.
@@ -118,7 +132,7 @@ class Engine:
         else:
             self.model = model
         groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, t.weight_decay)]
-        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
+        self.optimizer = build_optimizer(groups, t, ctx, cfg.parallel.zero_stage)
         self.schedule = WarmupCosine.from_config(t)
         self.params = [p for g in groups for p in g["params"]]
         self.flat_grads: FlatGrads | None = None
@@ -186,7 +200,8 @@ class Engine:
         nonfinite = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).float()
         # a loss can be non-finite on one rank only; all ranks must take the same decision
         nonfinite = self.ctx.all_reduce_(nonfinite).clamp_(max=1.0)
-        self.optimizer.found_inf = nonfinite
+        # the AdamW that updates this rank's parameters (under ZeRO, its shard) reads the flag
+        getattr(self.optimizer, "optim", self.optimizer).found_inf = nonfinite
         self.optimizer.step()
         if self.flat_grads is not None:
             self.flat_grads.zero_()
@@ -195,8 +210,14 @@ class Engine:
         return grad_norm.detach(), nonfinite
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict()}
+        """Model, optimizer and schedule state. Collective under ZeRO (every rank calls it): the optimizer
+        shards are gathered on rank 0, the only rank whose "optimizer" entry is set (None elsewhere)."""
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)
+            optimizer = self.optimizer.state_dict() if self.ctx.is_main else None
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"model": self.module.state_dict(), "optimizer": optimizer, "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.module.load_state_dict(sd["model"])

@@ -175,14 +175,15 @@ def test_replaced_grad_is_an_error(tmp_path):
 DP_COMMON = ("training.micro_batch_size=4", "training.global_batch_size=8", "model.aux_loss_coef=0")
 
 
-def _dp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+def _dp_worker(rank: int, world: int, port: int, run_dir: str, out: str, zero_stage: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     ctx = ParallelContext(rank=rank, world_size=world, dp_rank=rank, dp_size=world, group=dist.group.WORLD,
                           cpu_group=dist.group.WORLD)
-    cfg = mqar_config(run_dir, *DP_COMMON, "training.cuda_graphs=true")
+    cfg = mqar_config(run_dir, *DP_COMMON, "training.cuda_graphs=true", f"parallel.zero_stage={zero_stage}",
+                      world_size=world)
     steps = [[_half(b, rank) for b in batches] for batches in _global_batches(cfg, 2)]
     # rank 1 starts from other weights (seed): the engine must broadcast rank 0's
     params, _, norms, _ = _run_steps(cfg, steps, ctx=ctx)
@@ -191,10 +192,12 @@ def _dp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None
     dist.destroy_process_group()
 
 
-def test_graphed_two_ranks_gloo_equal_one_rank(tmp_path):
-    """Flat-buffer all-reduce: 2 ranks x 2 micro-batches of 2 sequences = 1 rank x 2 micro-batches of 4."""
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_graphed_two_ranks_gloo_equal_one_rank(tmp_path, zero_stage):
+    """Flat-buffer all-reduce: 2 ranks x 2 micro-batches of 2 sequences = 1 rank x 2 micro-batches of 4; with
+    ZeRO stage 1 each rank updates its shard of the flat-buffer gradients' parameters."""
     out = str(tmp_path / "two.pt")
-    mp.spawn(_dp_worker, args=(2, free_port(), str(tmp_path), out), nprocs=2, join=True)
+    mp.spawn(_dp_worker, args=(2, free_port(), str(tmp_path), out, zero_stage), nprocs=2, join=True)
     two = torch.load(out)
     cfg = mqar_config(tmp_path, *DP_COMMON)
     params, _, norms, _ = _run_steps(cfg, _global_batches(cfg, 2))
