@@ -51,7 +51,7 @@ def test_two_context_parallel_ranks_train_like_one_process(tmp_path):
         assert err < 1e-4, f"{name}: rel err {err:.2e}"
 
 
-def test_two_data_parallel_groups_of_two_train_like_data_parallel(tmp_path):
+def test_two_data_parallel_groups_of_two_train_like_data_parallel_with_and_without_zero(tmp_path):
     # 4 ranks: dp 2 x cp 2 against dp 2 alone (each group must see its own data and sum its halves)
     steps = 6
     _spawn(tmp_path / "dp", world=2, cp=1)
@@ -60,6 +60,9 @@ def test_two_data_parallel_groups_of_two_train_like_data_parallel(tmp_path):
     assert sorted(dp) == sorted(dpcp) == list(range(1, steps + 1))
     for step in dp:
         assert abs(dpcp[step] - dp[step]) <= 1e-5 * abs(dp[step]), f"step {step}: {dpcp[step]} != {dp[step]}"
+    # ZeRO stage 1 over the 4 ranks changes nothing but where the AdamW moments live
+    _spawn(tmp_path / "zero", 0, "parallel.zero_stage=1", world=4, cp=2)
+    assert read_losses(tmp_path / "zero" / "quickstart") == dpcp
     saved = latest_checkpoint(tmp_path / "dpcp" / "quickstart")
     assert sorted(p.name for p in saved.glob("rank_*.pt")) == [
         "rank_00000.pt", "rank_00000_cp001.pt", "rank_00001.pt", "rank_00001_cp001.pt"]
