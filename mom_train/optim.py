@@ -105,8 +105,8 @@ def build_optimizer(groups: list[dict], t: TrainingConfig, ctx: ParallelContext,
 
 
 class Engine:
-    """Model (DDP-wrapped when dp_size > 1, or graphed), fused AdamW with grad-norm clipping and a sync-free
-    NaN skip.
+    """Model (DDP-wrapped when the run has several ranks, or graphed), fused AdamW (ZeRO stage 1 sharded with
+    parallel.zero_stage=1) with grad-norm clipping and a sync-free NaN skip.
 
     `forward_backward()` runs one micro-batch and accumulates its gradients. `step()` clips, then applies the
     update unless the gradient norm or the step's loss is not finite: the fused AdamW kernel reads `found_inf`

@@ -6,8 +6,9 @@ One optimizer step on each data-parallel rank:
         loss_sum / global_valid * world_size + aux_loss_coef * aux_loss / grad_accum
     (DDP averages gradients over ranks, so the CE gradient is that of the global token mean; the gradient
     all-reduce runs on the last micro-batch only; with parallel.cp the ranks of a context-parallel group load
-    the same micro-batches and each runs its part of every packed sequence, states passed between them) -> clip -> AdamW (skipped on the device when the loss or the
-    gradient is not finite) -> metrics on the device.
+    the same micro-batches and each runs its part of every packed sequence, states passed between them)
+    -> clip -> AdamW (skipped on the device when the loss or the gradient is not finite; with
+    parallel.zero_stage=1 each rank updates its shard) -> metrics on the device.
 Host syncs: one per logging interval (metrics), plus one per step with training.nan_policy=stop (to stop at
 the first bad step). SIGTERM/SIGINT finish the current step, save a checkpoint and return normally.
 """
