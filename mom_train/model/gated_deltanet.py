@@ -57,7 +57,8 @@ def wide_value_gated_delta_rule(
     if context is not None:
         first, last = stream_chains(cu_seqlens, 1)
         o = context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens, first, last, context.continues_out,
-                                              context.group, use_qk_l2norm_in_kernel=True, backend=backend)
+                                              context.group, use_qk_l2norm_in_kernel=True, backend=backend,
+                                              passes_through=context.single_document)
         state = None
     else:
         o, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,

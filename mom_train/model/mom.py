@@ -229,7 +229,8 @@ class MoMAttention(nn.Module):
         o = context_parallel_gated_delta_rule(
             q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim)),
             v.unflatten(-1, (-1, self.head_v_dim)), g[None], beta[None], plan.cu_seqlens, first, last,
-            context.continues_out, context.group, use_qk_l2norm_in_kernel=True, backend=self.kernel_backend)
+            context.continues_out, context.group, use_qk_l2norm_in_kernel=True, backend=self.kernel_backend,
+            passes_through=context.single_document)
         return self._unpermute(o[0], routing, plan, L)
 
     def _unpermute(self, o: torch.Tensor, routing: Routing, plan, L: int) -> torch.Tensor:

@@ -38,9 +38,12 @@ class ContextParallel:
     """What a model needs to run its rows of a packed sequence split over a context-parallel group.
 
     continues_out: this rank's last document goes on on the next rank (its states are handed on).
+    single_document: the rows lie inside one document, so a state that enters them can pass through to the
+    next rank (False skips computing that transition).
     """
     group: dist.ProcessGroup
     continues_out: bool
+    single_document: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch
     targets = shift_labels(labels, cu_seqlens)
     rows = slice(shard.start, shard.end)
     return (input_ids[:, rows], targets[:, rows], shard.cu_seqlens.to(input_ids.device),
-            ContextParallel(group, shard.continues_out))
+            ContextParallel(group, shard.continues_out, single_document=shard.cu_seqlens.numel() == 2))
 
 
 def stream_chains(cu_seqlens: torch.Tensor, num_streams: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,14 +218,16 @@ def context_parallel_gated_delta_rule(
     cu_seqlens: torch.Tensor, first_segments: torch.Tensor, last_segments: torch.Tensor,
     continues_out: bool | torch.Tensor,
     group: dist.ProcessGroup | None, scale: float | None = None, use_qk_l2norm_in_kernel: bool = False,
-    backend: str = "auto",
+    backend: str = "auto", passes_through: bool = True,
 ) -> torch.Tensor:
     """Gated delta rule over this rank's rows of a sequence split over `group` (see the module doc).
 
     q, k [1, L, H, K]; v [1, L, H, V]; g (fp32 log decay), beta [1, L, H]; cu_seqlens int32 [n+1] local
     segments; first_segments / last_segments long [C]: for each chain, the local segment it enters in and the
     one it leaves from; continues_out: whether the last segments' documents go on on the next rank (one bool,
-    or bool [C] per chain).
+    or bool [C] per chain). passes_through=False: no chain enters and leaves in the same segment (the rows
+    hold several documents), so the transition pass is skipped; continues_out=False (a bool) skips both
+    summary passes.
     group None (or one rank) is the single-process computation. Returns o [1, L, H, V]; differentiable in
     q, k, v, g and beta, with the gradients of the whole distributed computation.
     """
@@ -238,18 +243,27 @@ def context_parallel_gated_delta_rule(
     if last_segments.shape != first_segments.shape:
         raise ValueError(f"first_segments {tuple(first_segments.shape)} and last_segments "
                          f"{tuple(last_segments.shape)} must both be [C], one entry per chain")
-    # M: the identity pushed through every chain's last segment with zero values (non-zero only where that
-    # segment is also the one the chain enters: a document start in between resets the state)
-    eye = torch.eye(K, device=q.device, dtype=torch.float32).expand(C, H, K, K)
-    h0_eye = torch.zeros(num_segments, H, K, K, device=q.device, dtype=torch.float32)
-    h0_eye = h0_eye.index_copy(0, first_segments, eye)
-    _, m_all = gated_delta_rule(q, k, torch.zeros_like(k), g, beta, initial_state=h0_eye, output_final_state=True,
-                                **kwargs)
-    _, s_all = gated_delta_rule(q, k, v, g, beta, output_final_state=True, **kwargs)
-    summary = torch.cat([m_all[last_segments], s_all[last_segments]], dim=-1)
-    # a chain whose last document ends on this rank hands on nothing: the next rank's first segment starts
-    # from zero
-    summary = summary * _chain_mask(continues_out, C, q.device)[:, None, None, None].float()
+    if continues_out is False:
+        # every chain's last document ends on this rank: it hands on nothing (the next rank's first segment
+        # starts from zero). A leaf that wants a gradient keeps this rank in the gather's backward collective
+        summary = torch.zeros(C, H, K, K + V, device=q.device, dtype=torch.float32,
+                              requires_grad=torch.is_grad_enabled())
+    else:
+        if passes_through:
+            # M: the identity pushed through every chain's last segment with zero values (non-zero only where
+            # that segment is also the one the chain enters: a document start in between resets the state)
+            eye = torch.eye(K, device=q.device, dtype=torch.float32).expand(C, H, K, K)
+            h0_eye = torch.zeros(num_segments, H, K, K, device=q.device, dtype=torch.float32)
+            h0_eye = h0_eye.index_copy(0, first_segments, eye)
+            _, m_all = gated_delta_rule(q, k, torch.zeros_like(k), g, beta, initial_state=h0_eye,
+                                        output_final_state=True, **kwargs)
+            m_last = m_all[last_segments]
+        else:
+            m_last = torch.zeros(C, H, K, K, device=q.device, dtype=torch.float32)
+        _, s_all = gated_delta_rule(q, k, v, g, beta, output_final_state=True, **kwargs)
+        summary = torch.cat([m_last, s_all[last_segments]], dim=-1)
+        # chains whose last document ends on this rank hand on nothing
+        summary = summary * _chain_mask(continues_out, C, q.device)[:, None, None, None].float()
     summaries = _GatherSummaries.apply(summary, group)
     state_in = compose_prefix(summaries, rank, K)
     h0 = torch.zeros(num_segments, H, K, V, device=q.device, dtype=torch.float32)
