@@ -19,7 +19,7 @@ Documents are kept apart: a chain passes a state on only where `continues_out` s
 document goes on past this rank's rows (a zero summary otherwise), so a new document starts from zero.
 
 The short convolution before the delta rule needs the W-1 inputs before a rank's first row (the halo):
-`context_parallel_conv_state` gathers each rank's last W-1 inputs per chain and composes them the same way
+`context_parallel_conv_states` gathers each rank's last W-1 inputs per chain and composes them the same way
 (a rank with fewer rows than W-1 in a continuing chain passes part of the halo it received).
 """
 from __future__ import annotations
@@ -168,23 +168,26 @@ def compose_conv_prefix(tails: torch.Tensor, lengths: torch.Tensor, rank: int) -
     return state
 
 
-def context_parallel_conv_state(x: torch.Tensor, cu_seqlens: torch.Tensor, first_segments: torch.Tensor,
-                                last_segments: torch.Tensor, continues_out: bool | torch.Tensor, width: int,
-                                group: dist.ProcessGroup) -> torch.Tensor:
-    """Short-conv state entering each chain's first local segment: the W-1 inputs before this rank's rows in
-    that chain's document (zeros where it starts here). x [L, ch] this rank's conv inputs; cu_seqlens int32
-    [n+1]; first/last_segments long [C]; width W. Returns [C, ch, W-1] in x's dtype, the layout of the conv
-    modules' initial state; differentiable in x (on every rank). No host sync."""
+def context_parallel_conv_states(xs: tuple[torch.Tensor, ...], cu_seqlens: torch.Tensor,
+                                 first_segments: torch.Tensor, last_segments: torch.Tensor,
+                                 continues_out: bool | torch.Tensor, width: int,
+                                 group: dist.ProcessGroup) -> tuple[torch.Tensor, ...]:
+    """Short-conv states entering each chain's first local segment: the W-1 inputs before this rank's rows in
+    that chain's document (zeros where it starts here), for several conv inputs at once (one gather for all).
+    xs: this rank's conv inputs [L, ch_i] (one dtype); cu_seqlens int32 [n+1]; first/last_segments long [C];
+    width W. Returns one [C, ch_i, W-1] per input in its dtype, the layout of the conv modules' initial state;
+    differentiable in xs (on every rank). No host sync."""
     C = first_segments.shape[0]
-    keep = _chain_mask(continues_out, C, x.device)
-    tails = segment_tails(x, None, cu_seqlens, width)[last_segments] * keep[:, None, None].to(x.dtype)
+    keep = _chain_mask(continues_out, C, xs[0].device)
+    tails = torch.cat([segment_tails(x, None, cu_seqlens, width)[last_segments] for x in xs], 1)
+    tails = tails * keep[:, None, None].to(tails.dtype)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()[last_segments]
     # the state passes through only where the chain enters and leaves in one segment and its document goes on
     passes = (first_segments == last_segments) & keep
     lengths = torch.where(passes, lengths, torch.full_like(lengths, width))
     state = compose_conv_prefix(_GatherSummaries.apply(tails, group), _all_gather(lengths, group),
                                 dist.get_rank(group))
-    return state
+    return state.split([x.shape[1] for x in xs], 1)
 
 
 def context_conv_states(inputs: tuple[torch.Tensor, ...], cu_seqlens: torch.Tensor, first_segments: torch.Tensor,
@@ -192,13 +195,11 @@ def context_conv_states(inputs: tuple[torch.Tensor, ...], cu_seqlens: torch.Tens
                         width: int) -> tuple[torch.Tensor, ...]:
     """Initial states [n, ch, W-1] for short convs over inputs [1, L, ch] each (zeros except at every chain's
     first segment, which gets the halo from the earlier ranks); the layout the conv modules take."""
-    states = []
-    for x in inputs:
-        halo = context_parallel_conv_state(x[0], cu_seqlens, first_segments, last_segments, context.continues_out,
-                                           width, context.group)
-        zeros = halo.new_zeros(cu_seqlens.shape[0] - 1, *halo.shape[1:])
-        states.append(zeros.index_copy(0, first_segments, halo))
-    return tuple(states)
+    halos = context_parallel_conv_states(tuple(x[0] for x in inputs), cu_seqlens, first_segments, last_segments,
+                                         context.continues_out, width, context.group)
+    num_segments = cu_seqlens.shape[0] - 1
+    return tuple(halo.new_zeros(num_segments, *halo.shape[1:]).index_copy(0, first_segments, halo)
+                 for halo in halos)
 
 
 def compose_prefix(summaries: torch.Tensor, rank: int, key_dim: int) -> torch.Tensor:

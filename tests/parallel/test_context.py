@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mom_train.kernels import gated_delta_rule
 from mom_train.kernels.short_conv import naive_short_conv
 from mom_train.parallel.context import (
-    context_parallel_conv_state, context_parallel_gated_delta_rule, local_segments, shard_packed_sequence)
+    context_parallel_conv_states, context_parallel_gated_delta_rule, local_segments, shard_packed_sequence)
 
 from tests.ranks import free_port
 H, K, V = 2, 8, 6
@@ -100,7 +100,10 @@ def _worker(rank: int, world: int, port: int, seed: int, out_dir: str) -> None:
                                   torch.tensor(last), torch.tensor(flags))
         o = context_parallel_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], cu, first, last, flags,
                                               dist.group.WORLD, backend="torch")
-        halo = context_parallel_conv_state(x["x"][0], cu, first, last, flags, W, dist.group.WORLD)
+        # q, k, v convs take their halos in one gather: x twice, as two inputs, must give the same halo twice
+        halo, again = context_parallel_conv_states((x["x"][0], x["x"][0]), cu, first, last, flags, W,
+                                                   dist.group.WORLD)
+        assert torch.equal(halo, again)
         conv_state = torch.zeros(cu.shape[0] - 1, CH, W - 1).index_copy(0, first, halo)
         y, _ = naive_short_conv(x["x"], CONV_WEIGHT, cu, initial_state=conv_state)
         ((o * x["weight"]).sum() + (y * x["x_weight"]).sum()).backward()
