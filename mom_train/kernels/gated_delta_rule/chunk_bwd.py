@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mom_train.kernels.gated_delta_rule.chunk_fwd import (_chunk_header, dot_precision, launch_config,
+from mom_train.kernels.gated_delta_rule.chunk_fwd import (_chunk_header, dot_block, dot_precision, launch_config,
                                                           max_shared_memory, seq_config)
 
 
@@ -269,10 +269,10 @@ def dv_local_bwd(q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, gamma: torc
     V = do.shape[-1]
     dvl = torch.empty(TT, H, V, device=q.device, dtype=torch.float32)
     fp32 = q.dtype == torch.float32
-    BV = min(64 if fp32 else 128, triton.next_power_of_2(V))
+    BV = min(64 if fp32 else 128, dot_block(V))
     grid = (table.shape[0], H, triton.cdiv(V, BV))
     _dv_local_kernel[grid](q, k, do, gamma, dvl, cu, table, scale, H=H, K=K, V=V,
-                           BK=min(64, triton.next_power_of_2(K)), BV=BV, DOT_PREC=dot_precision(q.dtype),
+                           BK=min(64, dot_block(K)), BV=BV, DOT_PREC=dot_precision(q.dtype),
                            **launch_config(q.dtype, 4 if fp32 else 8))
     return dvl
 
@@ -292,7 +292,7 @@ def dh_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor, 
     cfg = config or seq_config(K, V, q.dtype, backward=True, device=q.device)
     grid = (triton.cdiv(V, cfg["BV"]), N * H)
     _dh_bwd_kernel[grid](q, k, w, do, dvl, gamma, dh, dv2, dht, dh0, cu, coff, scale, H=H, K=K, V=V,
-                         KP=triton.next_power_of_2(K), HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+                         KP=dot_block(K), HAS_DHT=dht is not None, STORE_DH0=need_dh0,
                          DOT_PREC=dot_precision(q.dtype), **cfg)
     return dh, dv2, dh0
 
@@ -305,10 +305,14 @@ WIDE_HEAD_BWD = {"dqkw": dict(BV=64, num_warps=4, num_stages=2), "wy_bwd": dict(
 
 def bwd_config(kernel: str, K: int, V: int, dtype: torch.dtype, device: torch.device | None = None) -> dict:
     """Launch settings (BV, num_warps, num_stages) of the chunk-parallel backward kernels dqkw and wy_bwd."""
-    if dtype != torch.float32 and K > 128 and max_shared_memory(device) >= 227 * 1024:
+    # wy_bwd's tuned BV=32 next to its 64-wide K blocks is miscompiled on Hopper unless the V loop runs over
+    # two or more full blocks (NaN dk/dv/dg/dbeta at V = 16, 32, 100): other V take the default launch
+    tuned = kernel == "dqkw" or V % 64 == 0
+    if dtype != torch.float32 and K > 128 and tuned and max_shared_memory(device) >= 227 * 1024:
         cfg = WIDE_HEAD_BWD[kernel]
-        return {**cfg, "BV": min(cfg["BV"], triton.next_power_of_2(V))}
-    return {"BV": min(64, triton.next_power_of_2(V)), **launch_config(dtype, 8)}
+        return {**cfg, "BV": min(cfg["BV"], dot_block(V))}
+    # K > 128 keeps to one stage so its tiles fit in shared memory (3 stages need 242 KB at K=256 on Hopper)
+    return {"BV": min(64, dot_block(V)), **launch_config(dtype, 8, num_stages=1 if K > 128 else 3)}
 
 
 def dqkw_bwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tensor, dh: torch.Tensor,
@@ -318,7 +322,7 @@ def dqkw_bwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tens
     config overrides the launch (BV, num_warps, num_stages) for tuning."""
     TT, H, K = q.shape
     V = do.shape[-1]
-    BK = min(64, triton.next_power_of_2(K))
+    BK = min(64, dot_block(K))
     NK = triton.cdiv(K, BK)
     dq = torch.empty(TT, H, K, device=q.device, dtype=torch.float32)
     dk = torch.empty_like(dq)
@@ -344,6 +348,6 @@ def wy_bwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Te
     dg = torch.empty_like(dbeta)
     cfg = {**bwd_config("wy_bwd", K, V, k.dtype, k.device), **(config or {})}
     _wy_bwd_kernel[(table.shape[0], H)](k, v, beta, gamma, Ai, dw, dv2, dka, dgp, dk, dv, dbeta, dg, cu, table, TT,
-                                        H=H, K=K, V=V, BK=min(64, triton.next_power_of_2(K)), NK=dgp.shape[0],
+                                        H=H, K=K, V=V, BK=min(64, dot_block(K)), NK=dgp.shape[0],
                                         DOT_PREC=dot_precision(k.dtype), **cfg)
     return dk, dv, dbeta, dg

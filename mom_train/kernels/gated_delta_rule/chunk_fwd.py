@@ -292,6 +292,17 @@ def _o_fwd_kernel(q, k, vnew, h, gamma, o, cu, table, scale, H: tl.constexpr, K:
     tl.store(o + (t * H + i_h)[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
 
 
+def dot_block(n: int) -> int:
+    """Block size for a tensor-core dot dimension that covers n: the next power of two, at least 64 (masked).
+
+    Triton 3.6 on Hopper miscompiles the WY kernels when a bf16/fp16 dot dimension is 16 or 32 and the two
+    loops that share the T operand have different widths: shared-memory reads out of bounds in `_wu_kernel`
+    and `_prepare_fwd_kernel` (K=32 V=64, K=16 V=32; an illegal memory access) or silently wrong W (K=64
+    V=32). Blocks of 64 or more never produce those shapes; the masked columns cost nothing at the head
+    sizes where they occur."""
+    return max(64, triton.next_power_of_2(n))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get true fp32 products (Triton's default for fp32 is tf32)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -313,7 +324,10 @@ def seq_config(K: int, V: int, dtype: torch.dtype, backward: bool, device: torch
     if K > 128 and max_shared_memory(device) >= 227 * 1024:
         # sequences in reverse grid order: MoM's shared-memory streams (last, longest) start first
         # (H200, MoM-340M buffer: h_fwd 0.769 -> 0.735 ms, dh_bwd 0.986 -> 0.956 ms)
-        return dict(BV=BV, num_warps=4, num_stages=2, REVERSE_SEQS=True)
+        # masked V tiles (V not a multiple of BV) take more shared memory in the backward: one stage there
+        # (two need 242 KB at K=256, V=100)
+        stages = 1 if backward and V % BV else 2
+        return dict(BV=BV, num_warps=4, num_stages=stages, REVERSE_SEQS=True)
     stages = 1 if backward and K > 128 else 2
     return dict(BV=BV, num_warps=8, num_stages=stages)
 
@@ -353,9 +367,9 @@ def prepare_fwd(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.T
     Ai = torch.empty_like(A)
     w = torch.empty_like(k)
     u = torch.empty(TT, H, V, device=k.device, dtype=k.dtype)
-    cfg = {"BV": min(64, triton.next_power_of_2(V)), **launch_config(k.dtype, 4), **(config or {})}
+    cfg = {"BV": min(64, dot_block(V)), **launch_config(k.dtype, 4), **(config or {})}
     _prepare_fwd_kernel[(table.shape[0], H)](k, v, g, beta, gamma, A, Ai, w, u, cu, table, H=H, K=K, V=V,
-                                             BK=min(64, triton.next_power_of_2(K)), DOT_PREC=dot_precision(k.dtype),
+                                             BK=min(64, dot_block(K)), DOT_PREC=dot_precision(k.dtype),
                                              **cfg)
     return gamma, Ai, w, u
 
@@ -368,7 +382,7 @@ def wu_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Te
     w = torch.empty_like(k)
     u = torch.empty(TT, H, V, device=k.device, dtype=k.dtype)
     _wu_kernel[(table.shape[0], H)](k, v, beta, gamma, Ai, w, u, cu, table, H=H, K=K, V=V,
-                                    BK=min(64, triton.next_power_of_2(K)), BV=min(64, triton.next_power_of_2(V)),
+                                    BK=min(64, dot_block(K)), BV=min(64, dot_block(V)),
                                     DOT_PREC=dot_precision(k.dtype), **launch_config(k.dtype, 4))
     return w, u
 
@@ -387,7 +401,7 @@ def h_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gamma: torch.Tensor
     cfg = config or seq_config(K, V, k.dtype, backward=False, device=k.device)
     grid = (triton.cdiv(V, cfg["BV"]), N * H)
     _h_fwd_kernel[grid](k, w, u, gamma, h, vnew, initial_state, ht, cu, coff, H=H, K=K, V=V,
-                        KP=triton.next_power_of_2(K), HAS_H0=initial_state is not None,
+                        KP=dot_block(K), HAS_H0=initial_state is not None,
                         STORE_HT=output_final_state, DOT_PREC=dot_precision(k.dtype), **cfg)
     return h, vnew, ht
 
@@ -400,9 +414,9 @@ def o_fwd(q: torch.Tensor, k: torch.Tensor, vnew: torch.Tensor, h: torch.Tensor,
     V = vnew.shape[-1]
     o = torch.empty(TT, H, V, device=q.device, dtype=out_dtype)
     fp32 = q.dtype == torch.float32
-    cfg = {"BV": min(64 if fp32 else 128, triton.next_power_of_2(V)), **launch_config(q.dtype, 4 if fp32 else 8),
+    cfg = {"BV": min(64 if fp32 else 128, dot_block(V)), **launch_config(q.dtype, 4 if fp32 else 8),
                **(config or {})}
     grid = (table.shape[0], H, triton.cdiv(V, cfg["BV"]))
     _o_fwd_kernel[grid](q, k, vnew, h, gamma, o, cu, table, scale, H=H, K=K, V=V,
-                        BK=min(64, triton.next_power_of_2(K)), DOT_PREC=dot_precision(q.dtype), **cfg)
+                        BK=min(64, dot_block(K)), DOT_PREC=dot_precision(q.dtype), **cfg)
     return o
