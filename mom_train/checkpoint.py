@@ -8,6 +8,7 @@ Layout under the run dir (`cfg.run.path`):
                             train_state.pt  step, tokens, LR schedule, counters, dp_size (rank 0)
                             rank_00000.pt   per dp rank: data loader state and RNG (python, numpy, torch, cuda);
                                             rank_00000_cp001.pt ... for the other ranks of a cp group
+                                            (the tp ranks of a group share data and RNG: tp rank 0 writes)
                             config.yaml     the resolved config
 
 A checkpoint is written into `checkpoints/.tmp_step_0000100`, every file fsynced, the directory fsynced, then
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from mom_train.config import Config, ConfigError, load_config, to_yaml
-from mom_train.distributed import ParallelContext
+from mom_train.parallel.dims import ParallelDims
 from mom_train.model import build_model
 
 CHECKPOINT_DIR = "checkpoints"
@@ -96,38 +97,40 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, main_state: dict[str, Any], rank_state: dict[str, Any],
-                    cfg: Config, ctx: ParallelContext, keep: int) -> Path:
+                    cfg: Config, dims: ParallelDims, keep: int) -> Path:
     """Write checkpoint `step` collectively (every rank calls this) and return its directory.
 
     main_state: {file stem: object} written by rank 0 (model, optimizer, train_state).
-    rank_state: this rank's {"data": loader state, "rng": rng_state()}, written as rank_XXXXX.pt.
+    rank_state: this rank's {"data": loader state, "rng": rng_state()}, written as rank_XXXXX.pt by the first
+    rank of each tensor-parallel group.
     If any rank fails, no rank commits: the error is raised everywhere and `latest` is unchanged.
     """
     root = run_dir / CHECKPOINT_DIR
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}"
-    if ctx.is_main:
+    if dims.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp_*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    ctx.barrier()
+    dims.barrier()
     error: BaseException | None = None
     try:
-        _write(tmp / rank_file(ctx.dp_rank, ctx.cp_rank), rank_state)
-        if ctx.is_main:
+        if dims.tp_rank == 0:
+            _write(tmp / rank_file(dims.dp_rank, dims.cp_rank), rank_state)
+        if dims.is_main:
             for stem, obj in main_state.items():
                 _write(tmp / f"{stem}.pt", obj)
             _write_text(tmp / "config.yaml", to_yaml(cfg))
     except Exception as e:  # noqa: BLE001 - re-raised below after every rank agreed
         error = e
-    if ctx.max_int(int(error is not None)):
-        if ctx.is_main:
+    if dims.max_int(int(error is not None)):
+        if dims.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:
             raise error
         raise RuntimeError(f"checkpoint step {step} failed on another rank; nothing was committed")
-    if ctx.is_main:
+    if dims.is_main:
         _fsync_dir(tmp)
         if final.exists():
             # the same step saved by an earlier attempt of this run: the new one supersedes it
@@ -139,7 +142,7 @@ def save_checkpoint(run_dir: Path, step: int, main_state: dict[str, Any], rank_s
         os.replace(pointer.with_name(LATEST + ".tmp"), pointer)
         _fsync_dir(run_dir)
         _prune(root, keep, final)
-    ctx.barrier()
+    dims.barrier()
     return final
 
 
@@ -202,12 +205,13 @@ def resume_path(cfg: Config) -> Path | None:
 
 def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The resolved config stored in a checkpoint, with optional overrides, for use in one process (its
-    tensor/context-parallel sizes reset to 1: they split the work, not the model)."""
+    tensor/context-parallel sizes reset to 1: they split the work, not the model, whose checkpoint is whole)."""
     return load_config(path / "config.yaml", ["parallel.tp=1", "parallel.cp=1", *overrides], world_size=1)
 
 
-def check_compatible(path: Path, cfg: Config, ctx: ParallelContext) -> None:
-    """Refuse to resume when the model config or the data-parallel size changed; name what changed."""
+def check_compatible(path: Path, cfg: Config, dims: ParallelDims) -> None:
+    """Refuse to resume when the model config or the data- or context-parallel size changed; name what
+    changed. The tensor-parallel size may change (the checkpoint holds the whole model and optimizer)."""
     saved = checkpoint_config(path)
     old, new = dataclasses.asdict(saved.model), dataclasses.asdict(cfg.model)
     changed = [f"model.{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
@@ -217,10 +221,10 @@ def check_compatible(path: Path, cfg: Config, ctx: ParallelContext) -> None:
                           "Restore those values, or start fresh with checkpoint.resume=none / a new run.name")
     num_ranks = len(list(path.glob("rank_[0-9][0-9][0-9][0-9][0-9].pt")))
     num_cp = 1 + len(list(path.glob("rank_00000_cp*.pt")))
-    if (num_ranks, num_cp) != (ctx.dp_size, ctx.cp_size):
+    if (num_ranks, num_cp) != (dims.dp_size, dims.cp_size):
         raise ConfigError(f"cannot resume from {path}: it was written by {num_ranks} data-parallel rank(s) x "
-                          f"{num_cp} context-parallel rank(s), this run has dp_size={ctx.dp_size} x "
-                          f"cp_size={ctx.cp_size}. Resharding the data-loader and RNG state is not supported; "
+                          f"{num_cp} context-parallel rank(s), this run has dp_size={dims.dp_size} x "
+                          f"cp_size={dims.cp_size}. Resharding the data-loader and RNG state is not supported; "
                           f"relaunch with {num_ranks * num_cp} process(es) and parallel.cp={num_cp}, or start "
                           "fresh with checkpoint.resume=none")
 

@@ -44,22 +44,47 @@ def describe_model(cfg: Config) -> str:
     ])
 
 
+def describe_layout(cfg: Config, world_size: int) -> str:
+    """The rank layout (dp x cp x tp) and what one rank holds of the model."""
+    from mom_train.model import build_model, count_parameters
+    from mom_train.parallel.dims import check_layout
+
+    import torch
+
+    p = cfg.parallel
+    check_layout(cfg, world_size)
+    dp = world_size // (p.tp * p.cp)
+    lines = [f"layout: {world_size} rank(s) = dp {dp} x cp {p.cp} x tp {p.tp}"
+             + (" (sequence parallel)" if p.tp > 1 and p.sequence_parallel else "")]
+    if p.tp > 1:
+        from mom_train.parallel.tensor import local_parameter_count
+
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        local = local_parameter_count(model, p.tp)
+        total = count_parameters(cfg.model)["total"]
+        lines.append(f"  parameters per rank:   {local:>15,d} ({_format_count(local)} of {_format_count(total)}: "
+                     "heads and MLP split over tp; embedding, norms and router whole)")
+    if p.cp > 1:
+        lines.append(f"  each micro-batch split over {p.cp} context-parallel ranks "
+                     f"({cfg.training.micro_batch_size * cfg.training.seq_len // p.cp} tokens per rank)")
+    return "\n".join(lines)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print("# resolved config")
         print(to_yaml(cfg), end="")
         print(describe_model(cfg))
-        dp = max(1, _world_size() // (cfg.parallel.tp * cfg.parallel.cp))
+        world = _world_size()
+        print(describe_layout(cfg, world))
+        dp = max(1, world // (cfg.parallel.tp * cfg.parallel.cp))
         print(f"batch: {cfg.global_batch_sequences(dp)} sequences x {cfg.training.seq_len} tokens per step, "
-              f"{cfg.grad_accum_steps(dp)} micro-batch(es) of {cfg.training.micro_batch_size} per rank, dp={dp}"
-              + (f", cp={cfg.parallel.cp} (each micro-batch split over {cfg.parallel.cp} ranks)"
-                 if cfg.parallel.cp > 1 else ""))
+              f"{cfg.grad_accum_steps(dp)} micro-batch(es) of {cfg.training.micro_batch_size} per data-parallel "
+              f"rank, dp={dp}")
         print(f"run dir: {cfg.run.path}")
         return 0
-    from mom_train.distributed import check_supported
-
-    check_supported(cfg)
     from mom_train.train import NonFiniteError, train
 
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -80,6 +81,15 @@ class ModelConfig:
     mom_projection: Literal["auto", "dense", "grouped"] = "auto"
 
 
+def mlp_intermediate_size(hidden_size: int, hidden_ratio: float, intermediate_size: int | None = None) -> int:
+    """hidden * hidden_ratio * 2/3 rounded up to a multiple of 256, unless given explicitly."""
+    if intermediate_size is not None:
+        return intermediate_size
+    # int() first, then round up: 1024 * 4 * 2/3 = 2730.67 -> 2730 -> 2816
+    size = int(hidden_size * hidden_ratio * 2 / 3)
+    return 256 * math.ceil(size / 256)
+
+
 @dataclass
 class MQARConfig:
     """Synthetic multi-query associative recall (Zoology-style)."""
@@ -131,11 +141,18 @@ class TrainingConfig:
     # replay each micro-batch's forward + backward from a CUDA graph (one per power-of-two document-count
     # bucket, captured on first use): removes the per-kernel launch cost; needs CUDA and a sync-free model
     cuda_graphs: bool = False
+    # recompute each block's forward in backward instead of keeping its activations (less memory, ~1/3 more
+    # compute)
+    activation_checkpointing: bool = False
 
 
 @dataclass
 class ParallelConfig:
+    # tensor parallelism: heads and the MLP split over tp ranks of one node (innermost in the rank layout)
     tp: int = _range(1, default=1)
+    # with tp > 1: residual stream, norms and loss sharded along the sequence (Megatron sequence parallelism)
+    sequence_parallel: bool = True
+    # context parallelism: each packed sequence split over cp ranks, recurrent states passed between them
     cp: int = _range(1, default=1)
     zero_stage: int = _range(0, 3, default=0)
 
@@ -401,6 +418,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.arch == "transformer" and m.num_heads * m.head_dim != m.hidden_size:
         raise ConfigError(f"transformer: `model.num_heads` x `model.head_dim` = {m.num_heads * m.head_dim} must "
                           f"equal `model.hidden_size` = {m.hidden_size}")
+    if m.arch != "transformer" and m.kernel_backend != "torch" and not 16 <= m.head_dim <= 256:
+        raise ConfigError(f"`model.head_dim` = {m.head_dim}: the Triton delta-rule kernels take key head sizes 16 "
+                          "to 256; choose one in that range (more heads of a smaller size), or "
+                          "model.kernel_backend=torch (slow, for CPU experiments)")
     if m.head_dim * m.expand_v != int(m.head_dim * m.expand_v):
         raise ConfigError(f"`model.head_dim` x `model.expand_v` = {m.head_dim * m.expand_v} must be a whole number")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
@@ -420,6 +441,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"global batch of {seqs} sequences is not divisible by `training.micro_batch_size` x "
                           f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}; adjust "
                           "training.global_batch_tokens/global_batch_size or training.micro_batch_size")
+    if p.zero_stage > 1:
+        raise ConfigError(f"`parallel.zero_stage` = {p.zero_stage}: ZeRO stages 2 and 3 (sharded gradients and "
+                          "parameters) are not available yet; use parallel.zero_stage=1 (sharded optimizer state) "
+                          "or 0")
+    if p.tp > 1:
+        mlp = mlp_intermediate_size(m.hidden_size, m.hidden_ratio, m.intermediate_size)
+        if mlp % p.tp:
+            raise ConfigError(f"the MLP width {mlp} is not divisible by `parallel.tp` = {p.tp}; tensor parallelism "
+                              "splits it, so set model.intermediate_size to a multiple of parallel.tp")
+        if (t.micro_batch_size * t.seq_len) % (p.cp * p.tp):
+            raise ConfigError(f"a micro-batch of `training.micro_batch_size` x `training.seq_len` = "
+                              f"{t.micro_batch_size} x {t.seq_len} tokens does not split into `parallel.cp` x "
+                              f"`parallel.tp` = {p.cp} x {p.tp} equal token shards; choose sizes whose product is a "
+                              "multiple of cp * tp")
     if p.cp > 1:
         if m.arch == "transformer":
             raise ConfigError(f"`parallel.cp` = {p.cp} needs a recurrent model (model.arch mom or gated_deltanet): "

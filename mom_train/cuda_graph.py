@@ -114,7 +114,7 @@ class GraphedMicroBatch:
     model(input_ids, cu_seqlens=..., labels=...) must return an object with loss_sum, aux_loss and router_load.
     The backward is of `loss_sum * ce_scale + aux_loss * aux_scale`, accumulated into `grads`.
     autocast: returns a fresh autocast context (its weight cache must be off under capture, see
-    `autocast_for_capture`). The returned outputs are overwritten by the next call: consume them first.
+    `mom_train.precision.autocast_for_capture`). The returned outputs are overwritten by the next call: consume them first.
     """
 
     def __init__(self, model: nn.Module, grads: FlatGrads, autocast: Callable[[], contextlib.AbstractContextManager],
@@ -213,10 +213,3 @@ class GraphedMicroBatch:
         if self.pool is None:
             self.pool = graph.pool()
         return _Captured(graph, *statics, outputs)
-
-
-def autocast_for_capture(dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
-    """Autocast factory for graphed steps: the weight-cast cache must be off while capturing."""
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast("cuda", dtype=dtype, cache_enabled=False)

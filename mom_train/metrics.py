@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mom_train.config import Config, ConfigError
-from mom_train.distributed import ParallelContext
+from mom_train.parallel.dims import ParallelDims
 
 # dense bf16 tensor-core peak FLOP/s per device, matched by substring of torch.cuda.get_device_name
 PEAK_BF16_FLOPS = {
@@ -82,26 +82,27 @@ class Window:
             self.router_load = load if self.router_load is None else self.router_load + load
         self.num_steps += 1
 
-    def reduce(self, ctx: ParallelContext) -> dict[str, Any]:
+    def reduce(self, dims: ParallelDims) -> dict[str, Any]:
         """All-reduce and read back (the one host sync of a logging interval); then reset."""
         parts = [self.loss_sum.view(1), self.aux_loss.view(1)]
         if self.router_load is not None:
             parts.append(self.router_load.flatten())
-        summed = ctx.all_reduce_(torch.cat(parts))
+        # every rank holds a distinct part of the step's tokens (data, context and tensor parallelism)
+        summed = dims.all_reduce_(torch.cat(parts))
         local = torch.stack([self.num_valid, self.grad_norm, self.num_skipped])
         values, (num_valid, grad_norm, num_skipped) = summed.tolist(), local.tolist()
         good = self.num_steps - num_skipped
         out: dict[str, Any] = {
             "loss": values[0] / num_valid if num_valid else math.nan,
-            # the ranks of a context-parallel group each hold a share of their sequence's aux loss
-            "aux_loss": values[1] / ctx.dp_size / good if good else math.nan,
+            # the cp and tp ranks of a replica each hold a share of their sequence's aux loss
+            "aux_loss": values[1] / dims.dp_size / good if good else math.nan,
             "grad_norm": grad_norm / good if good else math.nan,
             "skipped_steps": int(num_skipped),
         }
         if self.router_load is not None:
             shape = self.router_load.shape
-            # every rank of a context-parallel group reports its group's load
-            load = torch.tensor(values[2:], dtype=torch.float64).view(shape) / (ctx.world_size * self.num_steps)
+            # every rank reports its replica's load
+            load = torch.tensor(values[2:], dtype=torch.float64).view(shape) / (dims.world_size * self.num_steps)
             out["router_load"] = [[round(x, 4) for x in row] for row in load.tolist()]
         self.reset()
         return out
@@ -121,8 +122,8 @@ def _clean(value: Any) -> Any:
 class MetricsLogger:
     """Rank-0 sink for metric records: metrics.jsonl, progress bar (tqdm if installed), optional wandb."""
 
-    def __init__(self, cfg: Config, ctx: ParallelContext, start_step: int):
-        self.enabled = ctx.is_main
+    def __init__(self, cfg: Config, dims: ParallelDims, start_step: int):
+        self.enabled = dims.is_main
         self.total = cfg.training.steps
         self.start_step = start_step
         self.start_time = time.perf_counter()

@@ -3,12 +3,13 @@
 One optimizer step on each data-parallel rank:
     fetch grad_accum micro-batches (CPU) -> count their valid targets on the host -> sum the count over ranks
     (gloo, no GPU sync) -> per micro-batch: forward, backward of
-        loss_sum / global_valid * world_size + aux_loss_coef * aux_loss / grad_accum
-    (DDP averages gradients over ranks, so the CE gradient is that of the global token mean; the gradient
-    all-reduce runs on the last micro-batch only; with parallel.cp the ranks of a context-parallel group load
-    the same micro-batches and each runs its part of every packed sequence, states passed between them)
-    -> clip -> AdamW (skipped on the device when the loss or the gradient is not finite; with
-    parallel.zero_stage=1 each rank updates its shard) -> metrics on the device.
+        loss_sum / global_valid * (dp x cp) + aux_loss_coef * cp * aux_loss / grad_accum
+    (gradients are averaged over the dp x cp ranks, so the CE gradient is that of the global token mean; the
+    gradient all-reduce runs on the last micro-batch only. The cp and tp ranks of one data-parallel replica
+    load the same micro-batches: each cp rank runs its part of every packed sequence, states passed between
+    them, and each tp rank its heads, scoring its token shard, so every token's loss is counted once and
+    each rank's aux loss is its share) -> clip -> AdamW (skipped on the device when the loss or the gradient
+    is not finite; with parallel.zero_stage=1 each rank updates its shard) -> metrics on the device.
 Host syncs: one per logging interval (metrics), plus one per step with training.nan_policy=stop (to stop at
 the first bad step). SIGTERM/SIGINT finish the current step, save a checkpoint and return normally.
 """
@@ -25,12 +26,14 @@ from mom_train.checkpoint import (PreemptionHandler, check_compatible, load_main
                                   rng_state, save_checkpoint, set_rng_state)
 from mom_train.config import Config
 from mom_train.data import IGNORE_INDEX, Batch, build_loader
-from mom_train.distributed import ParallelContext, init_distributed, teardown
+from mom_train.engine import Engine
 from mom_train.eval import evaluate
+from mom_train.kernels.cp import ContextParallel
 from mom_train.metrics import MetricsLogger, Window, peak_flops
 from mom_train.model import build_model, flops_per_token
-from mom_train.optim import Engine
-from mom_train.parallel.context import ContextParallel, shard_batch
+from mom_train.parallel.context import shard_batch
+from mom_train.parallel.dims import ParallelDims, init_parallel, teardown
+from mom_train.parallel.parallelize import parallelize
 
 
 class NonFiniteError(RuntimeError):
@@ -61,15 +64,15 @@ def to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
-def micro_batch_inputs(batch: Batch, ctx: ParallelContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                     ContextParallel | None]:
+def micro_batch_inputs(batch: Batch, dims: ParallelDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   ContextParallel | None]:
     """(input_ids, labels, cu_seqlens, context) of this rank on its device: the whole micro-batch, or under
     context parallelism this rank's part of its packed sequence (labels then shifted targets)."""
-    if ctx.cp_size == 1:
-        return (*to_device((batch.input_ids, batch.labels, batch.cu_seqlens), ctx.device), None)
+    if dims.cp_size == 1:
+        return (*to_device((batch.input_ids, batch.labels, batch.cu_seqlens), dims.device), None)
     input_ids, targets, cu_seqlens, context = shard_batch(batch.input_ids, batch.labels, batch.cu_seqlens,
-                                                          ctx.cp_group)
-    return (*to_device((input_ids, targets, cu_seqlens), ctx.device), context)
+                                                          dims.cp_group)
+    return (*to_device((input_ids, targets, cu_seqlens), dims.device), context)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -78,46 +81,46 @@ def train(cfg: Config) -> dict[str, Any]:
     Returns normally after the last step and after a preemption signal (checkpoint saved; result has
     "preempted": True). Raises NonFiniteError with training.nan_policy=stop.
     """
-    ctx = init_distributed(cfg)
+    dims = init_parallel(cfg)
     try:
         with PreemptionHandler() as preempt:
-            result = _train(cfg, ctx, preempt)
+            result = _train(cfg, dims, preempt)
     except BaseException:
-        teardown(ctx, clean=False)
+        teardown(dims, clean=False)
         raise
-    teardown(ctx)
+    teardown(dims)
     return result
 
 
-def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dict[str, Any]:
+def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[str, Any]:
     t, run_dir = cfg.training, cfg.run.path
-    if ctx.is_main:
+    if dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.dump(run_dir / "config.yaml")
 
-    # model: identical init on every rank, then a per-rank RNG stream
+    # model: identical init on every rank (tensor parallelism keeps each rank's shard of it), then one RNG
+    # stream per data/context-parallel rank (shared by its tp ranks, which see the same data)
     seed_everything(cfg.run.seed)
-    model = build_model(cfg.model).to(ctx.device)
-    seed_everything(cfg.run.seed + ctx.rank)
-    engine = Engine(model, cfg, ctx)
-    loader = build_loader(cfg, ctx.dp_rank, ctx.dp_size, split="train")
-    grad_accum = cfg.grad_accum_steps(ctx.dp_size)
-    tokens_per_step = grad_accum * ctx.dp_size * t.micro_batch_size * t.seq_len
+    engine = Engine(parallelize(build_model(cfg.model), dims, cfg), cfg, dims)
+    model = engine.module
+    seed_everything(cfg.run.seed + dims.grad_rank)
+    loader = build_loader(cfg, dims.dp_rank, dims.dp_size, split="train")
+    grad_accum = cfg.grad_accum_steps(dims.dp_size)
+    tokens_per_step = grad_accum * dims.dp_size * t.micro_batch_size * t.seq_len
 
     step, tokens, num_skipped = 0, 0, 0
     resume = resume_path(cfg)
     if resume is not None:
-        check_compatible(resume, cfg, ctx)
+        check_compatible(resume, cfg, dims)
         state = load_main(resume, "train_state")
-        engine.load_state_dict({"model": load_main(resume, "model", ctx.device),
-                                "optimizer": load_main(resume, "optimizer", ctx.device),
+        engine.load_state_dict({"model": load_main(resume, "model"), "optimizer": load_main(resume, "optimizer"),
                                 "schedule": state["schedule"]})
-        own = load_rank(resume, ctx.dp_rank, ctx.cp_rank)
+        own = load_rank(resume, dims.dp_rank, dims.cp_rank)
         loader.load_state_dict(own["data"])
         set_rng_state(own["rng"])
         step, tokens, num_skipped = state["step"], state["tokens"], state["skipped_steps"]
 
-    logger = MetricsLogger(cfg, ctx, step)
+    logger = MetricsLogger(cfg, dims, step)
     if resume is not None:
         logger.message(f"resumed from {resume} at step {step}")
 
@@ -125,14 +128,15 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         engine_state = engine.state_dict()
         main = {"model": engine_state["model"], "optimizer": engine_state["optimizer"],
                 "train_state": {"step": at_step, "tokens": tokens, "skipped_steps": num_skipped,
-                                "schedule": engine_state["schedule"], "dp_size": ctx.dp_size}}
-        path = save_checkpoint(run_dir, at_step, main, {"data": data_state, "rng": rng}, cfg, ctx,
+                                "schedule": engine_state["schedule"], "dp_size": dims.dp_size,
+                                "layout": dims.describe()}}
+        path = save_checkpoint(run_dir, at_step, main, {"data": data_state, "rng": rng}, cfg, dims,
                                cfg.checkpoint.keep)
         logger.message(f"saved checkpoint {path}")
 
-    window = Window(ctx.device)
+    window = Window(dims.device)
     flops = flops_per_token(cfg.model, t.seq_len)
-    peak = peak_flops(ctx.device)
+    peak = peak_flops(dims.device)
     coef = cfg.model.aux_loss_coef
     result: dict[str, Any] = {"preempted": False}
     # throughput window: wall time since the last log minus time spent evaluating and checkpointing
@@ -145,18 +149,19 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         before = (loader.state_dict(), rng_state()) if t.nan_policy == "stop" else None
         batches = [next(loader) for _ in range(grad_accum)]
         stats = batches[-1].stats
-        # the ranks of a context-parallel group hold the same micro-batches: count each group once
-        global_valid = ctx.sum_int(sum(count_valid_targets(b) for b in batches)) // ctx.cp_size
+        # the cp and tp ranks of a data-parallel replica hold the same micro-batches: count each replica once
+        global_valid = dims.sum_int(sum(count_valid_targets(b) for b in batches)) // (dims.cp_size * dims.tp_size)
         lr = engine.set_lr(step)
-        # the global count is a host number: scaling by it launches no transfer. DDP averages over every rank
-        ce_scale = ctx.world_size / max(global_valid, 1)
-        step_loss = torch.zeros((), device=ctx.device)
-        step_aux = torch.zeros((), device=ctx.device)
+        # the global count is a host number: scaling by it launches no transfer. Gradients are averaged over
+        # the dp x cp ranks
+        ce_scale = dims.grad_size / max(global_valid, 1)
+        step_loss = torch.zeros((), device=dims.device)
+        step_aux = torch.zeros((), device=dims.device)
         step_load = None
         for i, batch in enumerate(batches):
-            input_ids, labels, cu_seqlens, context = micro_batch_inputs(batch, ctx)
-            # a context-parallel rank's aux loss is its share of the group's (DDP averages over all ranks)
-            out = engine.forward_backward(input_ids, labels, cu_seqlens, ce_scale, coef * ctx.cp_size / grad_accum,
+            input_ids, labels, cu_seqlens, context = micro_batch_inputs(batch, dims)
+            # a cp or tp rank's aux loss is its share of its replica's (gradients are averaged over dp x cp)
+            out = engine.forward_backward(input_ids, labels, cu_seqlens, ce_scale, coef * dims.cp_size / grad_accum,
                                           last=i == grad_accum - 1, context=context)
             # consumed (in stream order) before the next micro-batch overwrites a graphed step's outputs
             step_loss += out.loss_sum.float()
@@ -179,22 +184,22 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
                                  f"saved the last good state as checkpoint step {step - 1} in {run_dir}. "
                                  "Lower training.lr or raise warmup, check the data, or resume with "
                                  "training.nan_policy=skip to skip such steps")
-        stopping = bool(ctx.max_int(int(preempt.requested)))
+        stopping = bool(dims.max_int(int(preempt.requested)))
         interval = cfg.checkpoint.interval
         saving = (interval > 0 and step % interval == 0) or step == t.steps or stopping
 
         # a checkpoint step is always logged, so the saved counters are exact
         if step % cfg.logging.interval == 0 or saving:
-            record = window.reduce(ctx)
+            record = window.reduce(dims)
             now = time.perf_counter()
             num_skipped += record["skipped_steps"]
             tokens_per_s = (tokens - last_log_tokens) / max(now - last_log - paused, 1e-9)
             record.update(step=step, lr=lr, tokens=tokens, tokens_per_s=tokens_per_s,
                           skipped_steps_total=num_skipped, data=stats)
             if peak is not None:
-                record["mfu"] = flops * tokens_per_s / (peak * ctx.world_size)
-            if ctx.device.type == "cuda":
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30
+                record["mfu"] = flops * tokens_per_s / (peak * dims.world_size)
+            if dims.device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(dims.device) / 2 ** 30
             logger.log(record)
             result.update(record)
             last_log, last_log_tokens, paused = now, tokens, 0.0
@@ -202,7 +207,7 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         pause_start = time.perf_counter()
         do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == t.steps)
         if do_eval and not stopping:
-            scores = evaluate(model, cfg, ctx)
+            scores = evaluate(model, cfg, dims)
             model.train()
             logger.log({"step": step, **scores})
             logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))

@@ -94,7 +94,8 @@ def bench_model(name: str, build, B: int, T: int, packed: bool, args, check_sync
     batch = make_batch(vocab_size, B, T, packed, "cuda")
 
     if graphed:
-        from mom_train.graphed_step import FlatGrads, GraphedMicroBatch, autocast_for_capture
+        from mom_train.cuda_graph import FlatGrads, GraphedMicroBatch
+        from mom_train.precision import autocast_for_capture
 
         grads = FlatGrads(params)
         micro_batch = GraphedMicroBatch(model, grads, autocast_for_capture(torch.bfloat16))
@@ -147,10 +148,11 @@ def our_builder(config: str, fused_ce: bool, overrides: tuple[str, ...] = ()):
     def build():
         with torch.device("cuda"):
             model = build_model(cfg.model)
-        if fused_ce:
-            from mom_train.kernels.fused_ce import fused_loss_fn
+        if not fused_ce:
+            from mom_train.loss import linear_cross_entropy
 
-            model.loss_fn = fused_loss_fn
+            # the plain head + cross entropy (full logits), for comparison with the fused one
+            model.loss_fn = lambda hidden, weight, targets, fused: linear_cross_entropy(hidden, weight, targets)
         return model.train()
     return build
 

@@ -120,7 +120,10 @@ def test_out_of_range(base_file, override, needle):
     (["training.global_batch_tokens=100"], 1, "seq_len"),
     (["data.source=files"], 1, "data.path"),
     (["training.warmup_steps=1000"], 1, "warmup_steps"),
-], ids=["heads-tp", "batch-micro", "batch-dp", "topk", "world-tp", "tokens-seq", "files-path", "warmup"])
+    (["model.head_dim=8"], 1, "key head sizes 16 to 256"),
+    (["model.head_dim=320"], 1, "key head sizes 16 to 256"),
+], ids=["heads-tp", "batch-micro", "batch-dp", "topk", "world-tp", "tokens-seq", "files-path", "warmup", "head-8",
+        "head-320"])
 def test_cross_field(base_file, overrides, world, needle):
     with pytest.raises(ConfigError) as e:
         load_config(base_file, overrides, world_size=world)
@@ -163,7 +166,14 @@ def test_dump_round_trips(tmp_path, base_file):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_load(path):
-    assert isinstance(load_config(path, world_size=1), Config)
+    parallel = yaml.safe_load(path.read_text()).get("parallel", {})
+    world = parallel.get("tp", 1) * parallel.get("cp", 1)
+    assert isinstance(load_config(path, world_size=world), Config)
+
+
+def test_small_heads_need_the_torch_backend(base_file):
+    # the Triton kernels' limits do not bind the plain PyTorch path
+    assert load_config(base_file, ["model.head_dim=8", "model.kernel_backend=torch"]).model.head_dim == 8
 
 
 def run_cli(*args):
@@ -183,6 +193,17 @@ def test_cli_errors_have_no_traceback(tmp_path):
         assert "Traceback" not in res.stderr + res.stdout
         for needle in needles:
             assert needle in res.stderr
+
+
+def test_cli_dry_run_prints_the_rank_layout():
+    import os
+
+    env = {**os.environ, "WORLD_SIZE": "8"}
+    res = subprocess.run([sys.executable, "-m", "mom_train", "train", "--config", str(REPO / "configs" / "mom_2.7b.yaml"),
+                          "--dry-run"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "layout: 8 rank(s) = dp 4 x cp 1 x tp 2 (sequence parallel)" in res.stdout
+    assert "parameters per rank:" in res.stdout
 
 
 def test_cli_dry_run_prints_config_and_model_size():

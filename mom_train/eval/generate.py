@@ -7,8 +7,8 @@ import torch
 
 from mom_train.checkpoint import checkpoint_config, load_model, resolve_checkpoint
 from mom_train.data import load_tokenizer
-from mom_train.distributed import resolve_device
-from mom_train.optim import autocast_context
+from mom_train.parallel.dims import resolve_device
+from mom_train.precision import autocast_context
 
 
 def generate_from_checkpoint(checkpoint: str | os.PathLike, prompt: str, max_new_tokens: int = 64,

@@ -37,12 +37,16 @@ class ShortConvolution(nn.Module):
         self.backend = backend
         if activation not in _ACTIVATIONS:
             raise ValueError(f"ShortConvolution: activation={activation!r}; expected one of {_ACTIVATIONS}")
-        self.channels = channels
         self.kernel_size = kernel_size
         self.activation = activation
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.reset_parameters()
+
+    @property
+    def channels(self) -> int:
+        """Channels [C] from the weight (a tensor-parallel rank holds those of its heads)."""
+        return self.weight.shape[0]
 
     def runs_triton(self, x: torch.Tensor) -> bool:
         """Whether this conv runs the Triton kernel for x (then `conv_chunk_gated_delta_rule` can fuse it)."""

@@ -20,7 +20,7 @@ from mom_train.model.cache import RecurrentState
 from mom_train.model.conv import ShortConvolution, conv_fuses_with_delta_rule
 from mom_train.model.linear import make_linear
 from mom_train.model.norm import GatedRMSNorm, gated_norm_linear
-from mom_train.parallel.context import (
+from mom_train.kernels.cp import (
     ContextParallel, check_context_inputs, context_conv_states, context_parallel_gated_delta_rule, stream_chains)
 
 # xavier-uniform gain of the reference linear-attention layers

@@ -1,8 +1,8 @@
 """CausalLM: embeddings, pre-norm blocks (token mixer + SwiGLU), final norm, LM head, loss, generation.
 
 Packed training input is input_ids [1, T] with cu_seqlens int32 [N+1]; a padded batch [B, T] needs none.
-Labels follow the Hugging Face convention (labels = input_ids, -100 = ignore) and are shifted here: position
-t predicts labels[t + 1], and that target is dropped when t + 1 starts a new segment or t is the last token.
+Labels follow the Hugging Face convention (labels = input_ids, -100 = ignore) and are shifted inside
+(`mom_train.loss.shift_labels`).
 """
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mom_train.config import ModelConfig
+from mom_train.kernels.cp import ContextParallel
+from mom_train.loss import IGNORE_INDEX, lm_head_logits, lm_head_loss, shift_labels
 from mom_train.model.attention import Attention
 from mom_train.model.cache import Cache
-from mom_train.model.conv import segment_positions
 from mom_train.model.gated_deltanet import GatedDeltaNet
 from mom_train.model.linear import make_linear
 from mom_train.model.mlp import SwiGLU, mlp_intermediate_size
 from mom_train.model.norm import RMSNorm
-from mom_train.parallel.context import ContextParallel
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -38,31 +36,6 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None
     cache: Cache | None = None
     router_load: torch.Tensor | None = None
-
-
-def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Targets [B, T]: targets[:, t] = labels[:, t + 1], or -100 at the last position and wherever t + 1
-    starts a segment of cu_seqlens (a document never predicts the next one's first token)."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    if cu_seqlens is not None:
-        _, pos = segment_positions(cu_seqlens, labels.shape[1])
-        # [T]: token t + 1 is the first of its segment
-        next_starts = F.pad(pos[1:] == 0, (0, 1), value=True)
-        targets = targets.masked_fill(next_starts, IGNORE_INDEX)
-    return targets
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LM head + summed cross entropy: hidden [B, T, D], weight [V, D], targets [B, T] (-100 = ignore).
-
-    Returns (loss_sum fp32 scalar, logits [B, T, V]). A fused kernel with the same signature may replace
-    this (`CausalLM.loss_fn`) and return None for the logits.
-    """
-    logits = F.linear(hidden, weight)
-    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    return loss_sum, logits
 
 
 def build_mixer(cfg: ModelConfig, layer_idx: int) -> nn.Module:
@@ -114,8 +87,10 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, backend=cfg.kernel_backend)
         self.lm_head = None if cfg.tie_embeddings else make_linear(cfg.hidden_size, cfg.vocab_size, kind="column")
-        # (hidden, head_weight, targets) -> (loss_sum, logits | None); a fused linear+CE can replace it
-        self.loss_fn = linear_cross_entropy
+        # (hidden, head_weight, targets, fused) -> (loss_sum, logits | None) and (hidden, head_weight) -> logits:
+        # the LM head's two uses, replaced under tensor parallelism (each rank scores its token shard)
+        self.loss_fn = lm_head_loss
+        self.logits_fn = lm_head_logits
         # recompute each block in backward to save activation memory (set by the trainer)
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -179,15 +154,12 @@ class CausalLM(nn.Module):
         out = ModelOutput(aux_loss=aux_loss, cache=cache if use_cache else None,
                           router_load=torch.stack(loads) if loads else None)
         if labels is None:
-            out.logits = F.linear(hidden, self.head_weight)
+            out.logits = self.logits_fn(hidden, self.head_weight)
             return out
         targets = labels if context is not None else shift_labels(labels, cu_seqlens)
-        loss_fn = self.loss_fn
-        if (loss_fn is linear_cross_entropy and hidden.is_cuda and self.training
-                and self.config.kernel_backend != "torch"):
-            # training needs no logits: the fused head + cross entropy never materialises them
-            from mom_train.kernels.fused_ce import fused_loss_fn as loss_fn
-        out.loss_sum, out.logits = loss_fn(hidden, self.head_weight, targets)
+        # training needs no logits: the fused head + cross entropy never materialises them
+        fused = hidden.is_cuda and self.training and self.config.kernel_backend != "torch"
+        out.loss_sum, out.logits = self.loss_fn(hidden, self.head_weight, targets, fused)
         out.num_valid = (targets != IGNORE_INDEX).sum()
         out.loss = out.loss_sum / out.num_valid.clamp(min=1) + self.config.aux_loss_coef * aux_loss
         return out

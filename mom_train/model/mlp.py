@@ -1,22 +1,12 @@
 """SwiGLU feed-forward block."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mom_train.config import mlp_intermediate_size  # noqa: F401 (re-exported)
 from mom_train.model.linear import make_linear
-
-
-def mlp_intermediate_size(hidden_size: int, hidden_ratio: float, intermediate_size: int | None = None) -> int:
-    """hidden * hidden_ratio * 2/3 rounded up to a multiple of 256, unless given explicitly."""
-    if intermediate_size is not None:
-        return intermediate_size
-    # int() first, then round up: 1024 * 4 * 2/3 = 2730.67 -> 2730 -> 2816
-    size = int(hidden_size * hidden_ratio * 2 / 3)
-    return 256 * math.ceil(size / 256)
 
 
 class SwiGLU(nn.Module):

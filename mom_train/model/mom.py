@@ -8,7 +8,7 @@ Shared by all streams: q_proj, A_log [H], dt_bias [H], the short convs, g_proj, 
 has no bias.
 
 Two implementations (cfg.mom_impl) compute the same function:
-- "fast": no host syncs. A memory-major buffer of T*k (+T) rows (routing.build_stream_plan, Triton on CUDA)
+- "fast": no host syncs. A memory-major buffer of T*k (+T) rows (kernels/routing: build_stream_plan, Triton on CUDA)
   holds the routed slots and shared rows. k/v of its rows come from one dense GEMM over every (token, stream)
   followed by a row gather (cfg.mom_projection = "dense"), or from a grouped GEMM over each stream's
   contiguous rows ("grouped", the default for bf16 on Hopper); b/a (2H columns per stream) always take the
@@ -36,9 +36,9 @@ from mom_train.model.linear import make_linear
 from mom_train.model.norm import GatedRMSNorm, gated_norm_linear
 from mom_train.model.recompute import recompute_in_backward
 from mom_train.kernels.routing import build_stream_plan_auto, combine_rows, gather_tokens, select_rows
-from mom_train.parallel.context import (
+from mom_train.kernels.cp import (
     ContextParallel, check_context_inputs, context_conv_states, context_parallel_gated_delta_rule, stream_chains)
-from mom_train.model.routing import Routing, route
+from mom_train.model.routing import Routing, TopKRouting
 
 
 class MoMAttention(nn.Module):
@@ -62,9 +62,9 @@ class MoMAttention(nn.Module):
         key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
         self.projection = cfg.mom_projection
         self.router = make_linear(D, E, kind="replicated")
+        self.routing = TopKRouting(cfg.topk)
         self.q_proj = make_linear(D, key_dim, kind="column")
         # per stream: k [key_dim] | v [value_dim] rows, and b [H] | a [H] rows
-        self.key_dim, self.value_dim = key_dim, value_dim
         num_streams = E + int(cfg.shared_memory)
         self.memory_kv_proj = nn.Parameter(torch.empty(num_streams, key_dim + value_dim, D))
         self.memory_ba_proj = nn.Parameter(torch.empty(num_streams, 2 * H, D))
@@ -83,6 +83,15 @@ class MoMAttention(nn.Module):
     @property
     def num_streams(self) -> int:
         return self.num_memories + int(self.shared_memory)
+
+    # widths from parameter shapes: a tensor-parallel rank holds num_heads / tp heads and nothing else changes
+    @property
+    def key_dim(self) -> int:
+        return self.A_log.shape[0] * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.A_log.shape[0] * self.head_v_dim
 
     def reset_parameters(self) -> None:
         for linear in (self.router, self.q_proj, self.g_proj, self.o_proj):
@@ -122,13 +131,14 @@ class MoMAttention(nn.Module):
         x = x.reshape(B * T, D)
         if cache is not None:
             self._check_cache(cache, cu_seqlens.numel() - 1)
-        routing = route(self.router(x), self.topk, context.group if context is not None else None)
+        routing = self.routing(self.router(x), context)
         if self.impl == "fast":
             o, new_cache = self._mix_fast(x, routing, cu_seqlens, cache, use_cache, context)  # [L, H, dv]
         else:
             o, new_cache = self._mix_reference(x, routing, cu_seqlens, cache, use_cache)
         y = gated_norm_linear(self.o_norm, self.o_proj, o, self.g_proj(x).unflatten(-1, (-1, self.head_v_dim)))
-        y = y.view(B, T, -1)
+        # [B, T', D]: under sequence parallelism o_proj returns this rank's sequence shard
+        y = y.view(B, -1, y.shape[-1])
         return y, new_cache, {"aux_loss": routing.aux_loss, "router_load": routing.load}
 
     def _stream_weights(self, stream: int) -> tuple[torch.Tensor, ...]:

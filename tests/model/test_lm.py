@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mom_train.config import ModelConfig
 from mom_train.model import CausalLM, ModelOutput, build_model
-from mom_train.model.lm import shift_labels
+from mom_train.loss import shift_labels
 
 ARCHS = ["gated_deltanet", "transformer", "mom"]
 RECURRENT = [a for a in ARCHS if a != "transformer"]

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from mom_train.kernels import gated_delta_rule
 from mom_train.kernels.short_conv import naive_short_conv
-from mom_train.parallel.context import (
-    context_parallel_conv_states, context_parallel_gated_delta_rule, local_segments, shard_packed_sequence)
+from mom_train.kernels.cp import context_parallel_conv_states, context_parallel_gated_delta_rule
+from mom_train.parallel.context import local_segments, shard_packed_sequence
 
 from tests.ranks import free_port
 H, K, V = 2, 8, 6

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mom_train.model import build_model
-from mom_train.parallel.context import ContextParallel, shard_batch
+from mom_train.kernels.cp import ContextParallel
+from mom_train.parallel.context import shard_batch
 from tests.model.test_lm import VOCAB, tiny_config
 from tests.ranks import free_port
 

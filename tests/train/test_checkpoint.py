@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mom_train.checkpoint as ckpt
-from mom_train.distributed import ParallelContext
+from mom_train.parallel.dims import ParallelDims
 from tests.train.conftest import mqar_config
 
 
@@ -18,7 +18,7 @@ def _save(run_dir, step, cfg, keep=3):
     main = {"model": {"w": torch.full((3,), float(step))}, "optimizer": {"state": {}},
             "train_state": {"step": step}}
     rank = {"data": {"batches": step}, "rng": ckpt.rng_state()}
-    return ckpt.save_checkpoint(run_dir, step, main, rank, cfg, ParallelContext(), keep)
+    return ckpt.save_checkpoint(run_dir, step, main, rank, cfg, ParallelDims(), keep)
 
 
 def test_failure_mid_write_keeps_previous(tmp_path, monkeypatch):

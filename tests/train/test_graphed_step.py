@@ -12,10 +12,11 @@ import torch.multiprocessing as mp
 
 from mom_train.config import ConfigError
 from mom_train.data import build_loader
-from mom_train.distributed import ParallelContext, resolve_device
-from mom_train.graphed_step import FlatGrads, pad_cu_seqlens, segment_bucket
+from mom_train.cuda_graph import FlatGrads, pad_cu_seqlens, segment_bucket
+from mom_train.engine import Engine
 from mom_train.model import build_model
-from mom_train.optim import Engine
+from mom_train.parallel.dims import ParallelDims, resolve_device
+from mom_train.parallel.parallelize import parallelize
 from mom_train.train import count_valid_targets, to_device
 from tests.ranks import free_port
 from tests.train.conftest import mqar_config
@@ -112,13 +113,13 @@ def _half(batch, rank: int):
                        (cu[keep] - (0 if rank == 0 else T // 2)).to(torch.int32))
 
 
-def _run_steps(cfg, steps: list[list], ctx: ParallelContext | None = None):
+def _run_steps(cfg, steps: list[list], ctx: ParallelDims | None = None):
     """Parameters, losses and grad norms after trainer steps over `steps` (lists of micro-batches). With
     training.cuda_graphs the steps are captured on CUDA and run through the same static buffers on CPU."""
-    ctx = ctx or ParallelContext(device=resolve_device(cfg))
+    ctx = ctx or ParallelDims(device=resolve_device(cfg))
     torch.manual_seed(0 if ctx.rank == 0 else 1234)
-    model = build_model(cfg.model).to(ctx.device)
-    engine = Engine(model, cfg, ctx, capture=ctx.device.type == "cuda")
+    model = build_model(cfg.model)
+    engine = Engine(parallelize(model, ctx, cfg), cfg, ctx, capture=ctx.device.type == "cuda")
     losses, norms = [], []
     for step, batches in enumerate(steps):
         total = ctx.sum_int(sum(count_valid_targets(b) for b in batches))
@@ -135,6 +136,28 @@ def _run_steps(cfg, steps: list[list], ctx: ParallelContext | None = None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses, norms, engine
 
 
+def _run_engine_steps(cfg, steps: list[list], dims: ParallelDims):
+    """(full parameters on the first rank, global losses, grad norms) after engine steps over `steps` (lists of
+    micro-batches, the same on every rank: a tensor-parallel group). With training.cuda_graphs the flat-buffer
+    path runs eagerly (capture=False)."""
+    torch.manual_seed(0)
+    engine = Engine(parallelize(build_model(cfg.model), dims, cfg), cfg, dims, capture=False)
+    losses, norms = [], []
+    for step, batches in enumerate(steps):
+        total = sum(count_valid_targets(b) for b in batches)
+        engine.set_lr(step)
+        step_loss = torch.zeros(())
+        for i, b in enumerate(batches):
+            out = engine.forward_backward(b.input_ids, b.labels, b.cu_seqlens, 1.0 / total,
+                                          cfg.model.aux_loss_coef / len(batches), last=i == len(batches) - 1)
+            step_loss += out.loss_sum
+        norm, _ = engine.step(step_loss)
+        # each tp rank scored its token shard
+        losses.append(float(dims.all_reduce_(step_loss)))
+        norms.append(float(norm))
+    return engine.state_dict()["model"], losses, norms
+
+
 def test_graphed_engine_matches_eager(tmp_path):
     common = ("training.global_batch_size=8", "training.micro_batch_size=4", "training.grad_clip=0.05")
     cfg = mqar_config(tmp_path, *common, "training.cuda_graphs=true")
@@ -143,7 +166,7 @@ def test_graphed_engine_matches_eager(tmp_path):
     params_g, losses_g, norms_g, engine = _run_steps(cfg, steps)
     params_e, losses_e, norms_e, _ = _run_steps(eager_cfg, steps)
     assert engine.graphed is not None and len(engine.graphed.entries) >= 2, "expected several segment buckets"
-    assert engine.flat_grads.attached() and not engine.flat_grads.buffer.any()
+    assert engine.gradients.flat.attached() and not engine.gradients.flat.buffer.any()
     for a, b in zip(losses_g, losses_e):
         assert abs(a - b) <= 1e-5 * abs(b)
     for a, b in zip(norms_g, norms_e):
@@ -159,13 +182,13 @@ def test_cuda_graphs_config_errors(tmp_path):
         mqar_config(tmp_path, "training.cuda_graphs=true", "model.mom_impl=reference")
     cfg = mqar_config(tmp_path, "training.cuda_graphs=true")
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        Engine(build_model(cfg.model), cfg, ParallelContext())
+        Engine(parallelize(build_model(cfg.model), ParallelDims(), cfg), cfg, ParallelDims())
 
 
 def test_replaced_grad_is_an_error(tmp_path):
     cfg = mqar_config(tmp_path, "training.cuda_graphs=true")
     model = build_model(cfg.model)
-    engine = Engine(model, cfg, ParallelContext(), capture=False)
+    engine = Engine(parallelize(model, ParallelDims(), cfg), cfg, ParallelDims(), capture=False)
     engine.optimizer.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match="flat buffer"):
         engine.step(torch.zeros(()))
@@ -180,8 +203,8 @@ def _dp_worker(rank: int, world: int, port: int, run_dir: str, out: str, zero_st
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-    ctx = ParallelContext(rank=rank, world_size=world, dp_rank=rank, dp_size=world, group=dist.group.WORLD,
-                          cpu_group=dist.group.WORLD)
+    ctx = ParallelDims(rank=rank, world_size=world, dp_rank=rank, dp_size=world, world_group=dist.group.WORLD,
+                       cpu_group=dist.group.WORLD, grad_group=dist.group.WORLD)
     cfg = mqar_config(run_dir, *DP_COMMON, "training.cuda_graphs=true", f"parallel.zero_stage={zero_stage}",
                       world_size=world)
     steps = [[_half(b, rank) for b in batches] for batches in _global_batches(cfg, 2)]

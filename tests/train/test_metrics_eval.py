@@ -9,7 +9,7 @@ import torch
 
 import mom_train.train as train_mod
 from mom_train.cli import main
-from mom_train.distributed import ParallelContext
+from mom_train.parallel.dims import ParallelDims
 from mom_train.metrics import Window, peak_flops
 from tests.train.conftest import mqar_config
 
@@ -61,7 +61,7 @@ def test_window_skips_nonfinite_steps():
     window.add(torch.tensor(6.0), 3, torch.tensor(0.5), torch.tensor([[0.5, 0.5]]), torch.tensor(2.0), good)
     window.add(torch.tensor(float("nan")), 5, torch.tensor(9.0), torch.tensor([[1.0, 0.0]]),
                torch.tensor(float("inf")), bad)
-    r = window.reduce(ParallelContext())
+    r = window.reduce(ParallelDims())
     assert r["loss"] == 2.0 and r["grad_norm"] == 2.0 and r["aux_loss"] == 0.5 and r["skipped_steps"] == 1
     assert r["router_load"] == [[0.75, 0.25]]
 

@@ -6,9 +6,11 @@ import math
 import torch
 
 from mom_train.data import build_loader
-from mom_train.distributed import ParallelContext
+from mom_train.engine import Engine
 from mom_train.model import build_model
-from mom_train.optim import Engine, WarmupCosine, param_groups
+from mom_train.optim import WarmupCosine, param_groups
+from mom_train.parallel.dims import ParallelDims
+from mom_train.parallel.parallelize import parallelize
 from mom_train.train import count_valid_targets
 from tests.train.conftest import mqar_config
 
@@ -52,11 +54,11 @@ def _grads(cfg, batches) -> dict[str, torch.Tensor]:
     """Gradients of one trainer step (same normalisation as train.py) over `batches`."""
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    engine = Engine(model, cfg, ParallelContext())
+    engine = Engine(parallelize(model, ParallelDims(), cfg), cfg, ParallelDims())
     total = sum(count_valid_targets(b) for b in batches)
-    for b in batches:
-        out = engine.model(b.input_ids, cu_seqlens=b.cu_seqlens, labels=b.labels)
-        engine.backward(out.loss_sum / total + cfg.model.aux_loss_coef * out.aux_loss / len(batches))
+    for i, b in enumerate(batches):
+        engine.forward_backward(b.input_ids, b.labels, b.cu_seqlens, 1.0 / total,
+                                cfg.model.aux_loss_coef / len(batches), last=i == len(batches) - 1)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

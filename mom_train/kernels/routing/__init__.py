@@ -1,7 +1,7 @@
 """Routing kernels of the MoM fast path: the memory-major stream plan and the permutations around it.
 
 L tokens, top-k routing over E memories (plus one shared memory when `shared`), S = E (+1) streams,
-N documents, F features, R = L*k (+L) buffer rows (memory-major, see `mom_train.model.routing`):
+N documents, F features, R = L*k (+L) buffer rows (memory-major, see stream_plan.py):
 
     build_stream_plan_triton(topk_idx [L, k], cu_seqlens [N+1], E, shared) -> StreamPlan
         src [R] long, dest [L, k] long, cu_seqlens [S*N + 1] int32; bit-exact with `build_stream_plan`, one
@@ -20,5 +20,7 @@ the kernels load on first use.
 """
 from mom_train.kernels.routing.permute import combine_rows, gather_tokens, select_rows
 from mom_train.kernels.routing.plan import build_stream_plan_auto, build_stream_plan_triton
+from mom_train.kernels.routing.stream_plan import StreamPlan, build_stream_plan
 
-__all__ = ["build_stream_plan_auto", "build_stream_plan_triton", "combine_rows", "gather_tokens", "select_rows"]
+__all__ = ["StreamPlan", "build_stream_plan", "build_stream_plan_auto", "build_stream_plan_triton", "combine_rows",
+           "gather_tokens", "select_rows"]

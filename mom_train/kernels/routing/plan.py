@@ -1,20 +1,14 @@
-"""The memory-major stream plan of `mom_train.model.routing.build_stream_plan`, in one Triton launch.
+"""The memory-major stream plan of `build_stream_plan` (stream_plan.py), in one Triton launch.
 
 Same result bit for bit (src, dest, cu_seqlens), without a host sync or a data-dependent shape: the outputs
 are allocated from L, k, E and N alone. Triton is imported on the first call.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from mom_train.kernels.backend import resolve_backend
-
-if TYPE_CHECKING:
-    from mom_train.model.routing import StreamPlan
-
-
+from mom_train.kernels.routing.stream_plan import StreamPlan, build_stream_plan
 
 def build_stream_plan_triton(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, num_memories: int,
                              shared: bool, block_tokens: int | None = None,
@@ -26,8 +20,6 @@ def build_stream_plan_triton(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, n
     cu_seqlens [S*N + 1] int32, S) equal to `build_stream_plan`'s. block_tokens / block_docs: loop steps
     of the kernel (powers of two; default from L and N).
     """
-    from mom_train.model.routing import StreamPlan
-
     num_tokens, topk = topk_idx.shape
     num_streams = num_memories + int(shared)
     num_docs = cu_seqlens.numel() - 1
@@ -49,8 +41,6 @@ def build_stream_plan_auto(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, num
                            backend: str = "auto") -> StreamPlan:
     """`build_stream_plan_triton` for CUDA tensors (backend "auto") or when backend is "triton"; the tensor-op
     `build_stream_plan` otherwise. Shapes as in `build_stream_plan_triton`."""
-    from mom_train.model.routing import build_stream_plan
-
     if resolve_backend("build_stream_plan", backend, topk_idx) == "triton":
         return build_stream_plan_triton(topk_idx, cu_seqlens, num_memories, shared)
     return build_stream_plan(topk_idx, cu_seqlens, num_memories, shared)

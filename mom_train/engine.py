@@ -1,0 +1,147 @@
+"""The step engine: one seam between the training loop and the model, its gradients and the optimizer.
+
+`forward_backward()` runs one micro-batch and accumulates its gradients (through the data-parallel wrapper
+that `parallelize` chose: DDP, or a flat buffer replayed by CUDA graphs); `step()` reduces the gradients,
+clips them by their global norm and applies fused AdamW unless the norm or the step's loss is not finite
+(the AdamW kernel reads `found_inf` on the device and leaves parameters and moments untouched, so skipping
+costs no host sync). With parallel.zero_stage=1 each rank keeps the moments of, and updates, only its shard
+of the parameters (torch's ZeroRedundancyOptimizer over the dp x cp group).
+
+`state_dict()` / `load_state_dict()` speak the one checkpoint format: the full, consolidated model and
+optimizer state of a single process, whatever the tensor-parallel size or ZeRO stage (parallel/reshard.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from mom_train.config import Config, ConfigError, TrainingConfig
+from mom_train.cuda_graph import GraphedMicroBatch, MicroBatchOutputs
+from mom_train.kernels.cp import ContextParallel
+from mom_train.optim import WarmupCosine, param_groups
+from mom_train.parallel.dims import ParallelDims
+from mom_train.parallel.grad import clip_coefficient, clip_grads_, flat_grad_norm
+from mom_train.parallel.parallelize import Parallelized
+from mom_train.parallel.reshard import full_model_state, full_optimizer_state, load_model_state, local_optimizer_state
+from mom_train.precision import autocast_context, autocast_dtype, autocast_for_capture
+
+
+def build_optimizer(groups: list[dict], t: TrainingConfig, dims: ParallelDims,
+                    zero_stage: int) -> torch.optim.Optimizer:
+    """Fused AdamW over the parameter groups; with zero_stage 1 and several dp x cp ranks, ZeRO stage 1 (each
+    rank updates its shard, then the updated shards are broadcast)."""
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
+    if zero_stage == 1 and dims.grad_size > 1:
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dims.grad_group,
+                                       **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+class Engine:
+    """Model (parallelized), fused AdamW with global-norm clipping and a sync-free NaN skip, LR schedule."""
+
+    def __init__(self, parallel: Parallelized, cfg: Config, dims: ParallelDims, capture: bool = True):
+        """capture=False (tests only): with training.cuda_graphs, run the graphed path's buffers eagerly."""
+        self.module = parallel.model
+        self.gradients = parallel.gradients
+        self.dims = dims
+        t = cfg.training
+        self.grad_clip = t.grad_clip
+        self.precision = t.precision
+        # fail at build time, not at the first forward
+        dtype = autocast_dtype(self.precision, dims.device)
+        if t.cuda_graphs and capture and dims.device.type != "cuda":
+            raise ConfigError(f"`training.cuda_graphs` = true needs a CUDA device, but the run is on {dims.device}; "
+                              "set training.cuda_graphs=false (or run.device=cuda on a GPU machine)")
+        groups = param_groups(self.module, t.weight_decay)
+        self.param_names = [n for g in groups for n in g["names"]]
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(groups, t, dims, cfg.parallel.zero_stage)
+        self.schedule = WarmupCosine.from_config(t)
+        self.graphed: GraphedMicroBatch | None = None
+        if t.cuda_graphs:
+            autocast = autocast_for_capture(dtype) if capture else (lambda: self.autocast())
+            self.graphed = GraphedMicroBatch(self.module, self.gradients.flat, autocast, capture=capture)
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
+                         ce_scale: float, aux_scale: float, last: bool,
+                         context: ContextParallel | None = None) -> MicroBatchOutputs:
+        """Forward one packed micro-batch (input_ids, labels long [1, T], cu_seqlens int32 [N+1]) and accumulate
+        the gradient of loss_sum * ce_scale + aux_loss * aux_scale. last: the step's final micro-batch (DDP
+        all-reduces its gradients). context: the batch is this rank's part of a sequence split over a
+        context-parallel group (`shard_batch`; labels are then shifted targets). The returned scalars are only
+        valid until the next call."""
+        if self.graphed is not None:
+            if context is not None:
+                raise ValueError("training.cuda_graphs does not capture context-parallel steps")
+            return self.graphed(input_ids, labels, cu_seqlens, ce_scale, aux_scale)
+        with self.gradients.no_sync(sync=last):
+            with self.autocast():
+                out = self.gradients.module(input_ids, cu_seqlens=cu_seqlens, labels=labels, context=context)
+            (out.loss_sum * ce_scale + out.aux_loss * aux_scale).backward()
+        load = out.router_load.detach() if out.router_load is not None else None
+        return MicroBatchOutputs(out.loss_sum.detach(), out.aux_loss.detach(), load)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A fresh autocast context for one forward pass."""
+        return autocast_context(self.precision, self.dims.device)
+
+    def set_lr(self, step: int) -> float:
+        lr = self.schedule(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reduce, clip and update. loss_sum: this rank's summed loss of the step (fp32 scalar, device).
+        Returns (grad_norm, nonfinite) device scalars, equal on every rank."""
+        self.gradients.reduce()
+        grad_norm = self._clip(self.grad_clip if self.grad_clip > 0 else math.inf)
+        nonfinite = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).float()
+        # a loss can be non-finite on one rank only; all ranks must take the same decision
+        nonfinite = self.dims.all_reduce_(nonfinite).clamp_(max=1.0)
+        # the AdamW that updates this rank's parameters (under ZeRO, its shard) reads the flag
+        getattr(self.optimizer, "optim", self.optimizer).found_inf = nonfinite
+        self.optimizer.step()
+        self.gradients.zero()
+        return grad_norm.detach(), nonfinite
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        flat = self.gradients.flat
+        if flat is None:
+            return clip_grads_(self.params, max_norm, self.dims)
+        if self.dims.tp_size == 1:
+            return flat.clip_(max_norm)
+        norm = flat_grad_norm(flat.buffer, self.gradients.sharded, self.dims)
+        if max_norm < math.inf:
+            flat.buffer.mul_(clip_coefficient(norm, max_norm).to(flat.buffer.dtype))
+        return norm
+
+    def state_dict(self) -> dict:
+        """The full model and optimizer state and the schedule (collective: every rank calls it). Only the
+        first rank's "model" and "optimizer" entries are set (None elsewhere)."""
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)
+            # the first rank of each dp x cp group holds its tp shard's full moments
+            local = self.optimizer.state_dict() if self.dims.grad_rank == 0 else None
+        else:
+            local = self.optimizer.state_dict()
+        optimizer = full_optimizer_state(local, self.params, self.dims) if self.dims.grad_rank == 0 else None
+        return {"model": full_model_state(self.module, self.dims), "optimizer": optimizer,
+                "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load full (consolidated) model and optimizer state, keeping this rank's shards."""
+        load_model_state(self.module, sd["model"], self.dims)
+        self.optimizer.load_state_dict(local_optimizer_state(sd["optimizer"], self.params, self.dims))
+        self.schedule.load_state_dict(sd["schedule"])
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer updates, in its order (decayed group first)."""
+    return [p for g in param_groups(model, 0.0) for p in g["params"]]
