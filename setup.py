@@ -16,14 +16,16 @@ setup(
         "tqdm",
         "datasets",
         "wandb",
+        # the rank layout of multi-process runs and tensor parallelism's layers and mappings
+        "megatron-core",
     ],
     extras_require={
         # triton ships with CUDA builds of torch; CPU installs add it for the interpreter tests
         "triton": ["triton"],
         "parquet": ["pyarrow"],
-        "parallel": ["megatron-core", "deepspeed"],
+        "parallel": ["deepspeed"],
         "plot": ["matplotlib"],
-        "full": ["triton", "pyarrow", "megatron-core", "deepspeed", "matplotlib"],
+        "full": ["triton", "pyarrow", "deepspeed", "matplotlib"],
         "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},

@@ -51,17 +51,27 @@ def test_too_short_seq_len_is_a_config_error():
 
 
 def test_recall_accuracy_counts_answers():
+    """An answer counts as right when the logits one position before it pick it; other positions never count."""
     cfg = MQARConfig(num_pairs=4, num_queries=2, vocab_size=32)
     ids, labels = generate_mqar(cfg, 16, 3, np.random.default_rng(1))
     # a perfect predictor: logits at t point at the token at t+1
     logits = torch.full((3, 16, 32), -1.0)
     logits[:, :-1].scatter_(2, ids[:, 1:, None], 1.0)
-    correct, total = recall_accuracy(logits, labels)
-    assert (correct.item(), total.item()) == (6, 6)
-    logits[0, 10] = 0.0
-    logits[0, 10, 0] = 1.0
-    correct, total = recall_accuracy(logits, labels)
-    assert total.item() == 6 and correct.item() == 6 - int(labels[0, 11] != -100)
+    assert [x.item() for x in recall_accuracy(logits, labels)] == [6, 6]
+    rows, answers = (labels != -100).nonzero(as_tuple=True)
+    # wrong at every position that does not predict an answer: nothing changes
+    is_answer = torch.zeros(3, 16, dtype=torch.bool)
+    is_answer[rows, answers - 1] = True
+    wrong = logits.clone()
+    wrong[~is_answer] = wrong[~is_answer].roll(1, -1)
+    assert [x.item() for x in recall_accuracy(wrong, labels)] == [6, 6]
+    # wrong one position before the first and the last answer: two fewer right
+    for i in (0, len(rows) - 1):
+        wrong[rows[i], answers[i] - 1] = logits[rows[i], answers[i] - 1].roll(1)
+    assert [x.item() for x in recall_accuracy(wrong, labels)] == [4, 6]
+    # predicting the answer at its own position (no shift) is wrong
+    unshifted = torch.full((3, 16, 32), -1.0).scatter_(2, ids[:, :, None], 1.0)
+    assert [x.item() for x in recall_accuracy(unshifted, labels)] == [0, 6]
 
 
 def test_resume_gives_identical_batches():

@@ -190,7 +190,58 @@ def test_generate_greedy_equals_repeated_full_forward(arch: str):
     assert torch.equal(model.generate(ids, 6, temperature=1.0, top_p=1e-6), expected)
 
 
-def test_generate_sampling_and_eos():
+def allowed_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The sampling distribution by definition, in fp64, logits [B, V] -> probs [B, V]: softmax of
+    logits / temperature restricted to the top_k largest logits (0: all), then to the smallest set of the
+    most probable of those whose probability reaches top_p, renormalised."""
+    probs = (logits.double() / temperature).softmax(-1)
+    order = probs.argsort(-1, descending=True)
+    ranked = probs.gather(-1, order)
+    if top_k:
+        ranked[:, top_k:] = 0
+    ranked = ranked / ranked.sum(-1, keepdim=True)
+    # a token stays when the tokens ranked above it hold less than top_p
+    above = ranked.cumsum(-1) - ranked
+    ranked = torch.where(above < top_p, ranked, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, ranked / ranked.sum(-1, keepdim=True))
+
+
+SAMPLING = [
+    pytest.param(1.0, 5, 1.0, id="top-k-5"),
+    pytest.param(1.0, 0, 0.6, id="top-p-0.6"),
+    pytest.param(1.5, 20, 0.9, id="temperature-1.5-top-k-20-top-p-0.9"),
+    pytest.param(0.5, 0, 0.8, id="temperature-0.5-top-p-0.8"),
+]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
+def test_generate_samples_from_the_top_k_top_p_distribution(temperature, top_k, top_p):
+    """Every sampled token lies in the top-k / top-p set of its own prefix's logits (full forward, no cache);
+    and the first token, drawn for many rows with the same prompt, follows the definition's distribution."""
+    model = tiny_model("gated_deltanet")
+    num_rows, num_new = 2000, 3
+    prompt = torch.randint(0, VOCAB, (1, 4))
+    out = model.generate(prompt.expand(num_rows, -1), num_new, temperature=temperature, top_k=top_k,
+                         top_p=top_p, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out[:, :4], prompt.expand(num_rows, -1))
+    with torch.no_grad():
+        logits = model(out[:, :-1]).logits  # [B, 4 + num_new - 1, V]
+    for step in range(num_new):
+        dist = allowed_distribution(logits[:, 3 + step], temperature, top_k, top_p)
+        sampled = out[:, 4 + step]
+        outside = dist.gather(1, sampled[:, None])[:, 0] == 0
+        assert not outside.any(), f"step {step}: {int(outside.sum())} tokens outside the top-k / top-p set"
+    # the first token: empirical frequencies within 5 standard errors of the definition's probabilities
+    want = allowed_distribution(logits[:1, 3], temperature, top_k, top_p)[0]
+    got = torch.bincount(out[:, 4], minlength=VOCAB).double() / num_rows
+    bound = 5 * (want * (1 - want) / num_rows).sqrt() + 1e-9
+    assert (want > 0).sum() >= 2, "the set should leave a choice"
+    off = (got - want).abs() > bound
+    assert not off.any(), f"first token: frequencies {got[off].tolist()}, by definition {want[off].tolist()}"
+
+
+def test_generate_is_seeded_and_stops_at_eos():
+    """The same generator seed gives the same samples; a row that emitted eos keeps emitting it."""
     model = tiny_model("gated_deltanet")
     ids = torch.randint(0, VOCAB, (2, 4))
     a = model.generate(ids, 8, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))

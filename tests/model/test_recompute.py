@@ -35,9 +35,24 @@ def test_a_wrong_rebuild_changes_the_gradient():
 
 
 def test_no_grad_block_is_a_no_op():
-    x = torch.randn(3)
-    with torch.no_grad(), recompute_in_backward(x, lambda: x):
-        assert torch.equal(x * 2, 2 * x)
+    """Entered under no_grad, the block installs nothing: a graph built inside it (grad re-enabled) keeps the
+    real tensor, so a wrong recipe is never called and the gradient is exact; no contiguity check either."""
+    x = torch.randn(4, 3, requires_grad=True)
+    y = x.sin()
+    calls = []
+
+    def wrong_rebuild():
+        calls.append(1)
+        return torch.zeros_like(y)
+
+    with torch.no_grad(), recompute_in_backward(y, wrong_rebuild):
+        with torch.enable_grad():
+            out = (y * y).sum()
+    out.backward()
+    assert not calls
+    torch.testing.assert_close(x.grad, 2 * x.detach().sin() * x.detach().cos())
+    with torch.no_grad(), recompute_in_backward(y.t(), wrong_rebuild):
+        pass
 
 
 def test_views_of_the_tensor_are_rebuilt_too():

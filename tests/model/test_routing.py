@@ -109,3 +109,71 @@ def test_aux_loss_is_topk_when_balanced_and_larger_otherwise(num_memories, topk)
     # every token prefers the same memories: loss grows
     skewed = route(logits[:1].expand(4 * num_memories, -1), topk)
     assert skewed.aux_loss > topk + 0.1
+
+
+def chosen_weights_fp64(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition in fp64: the k largest logits, weights = softmax over those k (the renormalised top-k
+    probabilities). Returns (idx [L, k], weights [L, k])."""
+    idx = logits.double().argsort(-1, descending=True)[:, :topk]
+    chosen = logits.double().gather(1, idx)
+    weights = (chosen - chosen.max(-1, keepdim=True).values).exp()
+    return idx, weights / weights.sum(-1, keepdim=True)
+
+
+def weights_grad_fp64(logits: torch.Tensor, topk: int, cotangent: torch.Tensor) -> torch.Tensor:
+    """d <weights, cotangent> / d logits: w_j (c_j - sum_i c_i w_i) at each chosen logit, 0 elsewhere."""
+    idx, weights = chosen_weights_fp64(logits, topk)
+    c = cotangent.double()
+    grad = torch.zeros(logits.shape, dtype=torch.float64)
+    return grad.scatter(1, idx, weights * (c - (c * weights).sum(-1, keepdim=True)))
+
+
+def aux_loss_fp64(logits: torch.Tensor, topk: int) -> tuple[float, torch.Tensor]:
+    """The balance loss A = E * sum_e f_e P_e (f_e: chosen slots of e per token, constant; P_e: mean
+    probability of e) and its gradient dA/dl_te = E / L * p_te * (f_e - sum_m f_m p_tm)."""
+    num_tokens, num_memories = logits.shape
+    probs = logits.double().softmax(-1)
+    idx, _ = chosen_weights_fp64(logits, topk)
+    f = torch.zeros(num_memories, dtype=torch.float64).index_add_(
+        0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.float64)) / num_tokens
+    loss = num_memories * float((f * probs.mean(0)).sum())
+    grad = num_memories / num_tokens * probs * (f - (probs * f).sum(-1, keepdim=True))
+    return loss, grad
+
+
+def router_logits(kind: str, num_tokens: int, num_memories: int, generator: torch.Generator) -> torch.Tensor:
+    """balanced: random per-token logits whose ranking cycles through the memories (every memory gets the
+    same share of every choice); skewed: memory 0 strongly preferred, the last one avoided."""
+    scores = torch.randn(num_tokens, num_memories, generator=generator)
+    if kind == "balanced":
+        ranked = scores.sort(-1, descending=True).values
+        return torch.stack([row.roll(t % num_memories) for t, row in enumerate(ranked)])
+    return scores + torch.linspace(3.0, -3.0, num_memories)
+
+
+@pytest.mark.parametrize("kind", ["balanced", "skewed"])
+@pytest.mark.parametrize("topk", [1, 2], ids=["top1", "top2"])
+def test_router_gradients_match_fp64_definition(kind, topk):
+    """route(): the top-k weights, the balance loss and the gradient of each w.r.t. the router logits equal
+    the fp64 definitions above (the weights' gradient is 0 for top-1: they are all 1)."""
+    num_tokens, num_memories = 64, 4
+    generator = torch.Generator().manual_seed(topk * 10 + len(kind))
+    logits = router_logits(kind, num_tokens, num_memories, generator)
+    cotangent = torch.randn(num_tokens, topk, generator=generator)
+    idx, weights = chosen_weights_fp64(logits, topk)
+    aux_want, aux_grad_want = aux_loss_fp64(logits, topk)
+
+    leaf = logits.clone().requires_grad_(True)
+    routing = route(leaf, topk)
+    assert torch.equal(routing.topk_idx, idx)
+    load = torch.full((num_memories,), 1.0 / num_memories)
+    assert torch.allclose(routing.load, load) == (kind == "balanced"), routing.load
+    torch.testing.assert_close(routing.topk_weight.double(), weights, rtol=1e-6, atol=1e-7)
+    assert abs(routing.aux_loss.item() - aux_want) <= 1e-6 * aux_want
+    (weights_grad,) = torch.autograd.grad((routing.topk_weight * cotangent).sum(), leaf, retain_graph=True)
+    torch.testing.assert_close(weights_grad.double(), weights_grad_fp64(logits, topk, cotangent),
+                               rtol=1e-5, atol=1e-7, msg=lambda m: f"top-k weights' gradient: {m}")
+    assert routing.aux_loss.requires_grad, "the balance loss carries no gradient to the router logits"
+    (aux_grad,) = torch.autograd.grad(routing.aux_loss, leaf)
+    torch.testing.assert_close(aux_grad.double(), aux_grad_want, rtol=1e-5, atol=1e-8,
+                               msg=lambda m: f"balance loss gradient: {m}")

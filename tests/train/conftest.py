@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,18 +94,21 @@ class SignalAfter:
         self.loader.close()
 
 
-def train_ranks(run_dir: Path, world: int, overrides: list[str], preempt_after: int = 0) -> None:
+def train_ranks(run_dir: Path, world: int, overrides: list[str], preempt_after: int = 0,
+                loader: Callable | None = None) -> None:
     """Train `mqar_config(run_dir, *overrides)` on `world` processes (gloo, as torchrun would launch them);
-    with preempt_after, rank 0 is signalled once it took that many batches (the ranks must agree to stop)."""
+    with preempt_after, rank 0 is signalled once it took that many batches (the ranks must agree to stop).
+    loader: a picklable stand-in for the trainer's `build_loader` (same arguments), on every rank."""
     import torch.multiprocessing as mp
 
     from tests.ranks import free_port
 
-    mp.spawn(_train_rank, args=(world, free_port(), str(run_dir), preempt_after, overrides), nprocs=world,
+    mp.spawn(_train_rank, args=(world, free_port(), str(run_dir), preempt_after, overrides, loader), nprocs=world,
              join=True)
 
 
-def _train_rank(rank: int, world: int, port: int, run_dir: str, preempt_after: int, overrides: list[str]) -> None:
+def _train_rank(rank: int, world: int, port: int, run_dir: str, preempt_after: int, overrides: list[str],
+                loader: Callable | None) -> None:
     import torch
 
     import mom_train.train as train_mod
@@ -112,6 +116,8 @@ def _train_rank(rank: int, world: int, port: int, run_dir: str, preempt_after: i
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if loader is not None:
+        train_mod.build_loader = loader
     if preempt_after and rank == 0:
         build = train_mod.build_loader
         train_mod.build_loader = lambda *a, **k: SignalAfter(build(*a, **k), preempt_after)

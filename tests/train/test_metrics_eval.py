@@ -6,11 +6,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mom_train.train as train_mod
+from mom_train.checkpoint import checkpoint_config, list_checkpoints, load_model
 from mom_train.cli import main
+from mom_train.data import IGNORE_INDEX, build_loader
+from mom_train.eval.evaluate import EVAL_SEED_OFFSET, evaluate
 from mom_train.parallel.dims import ParallelDims
 from mom_train.metrics import Window, peak_flops
+from mom_train.model import ModelOutput
 from tests.train.conftest import mqar_config
 
 
@@ -21,6 +26,26 @@ def trained_run(tmp_path_factory):
                       "checkpoint.interval=3")
     out = train_mod.train(cfg)
     return cfg.run.path, out
+
+
+def held_out_scores(checkpoint) -> dict[str, float]:
+    """eval_loss and eval_recall of a checkpoint by definition: over the answers of eval.num_batches held-out
+    MQAR batches, the mean cross entropy of the logits one position before each answer, and the fraction of
+    them whose argmax is the answer."""
+    cfg = checkpoint_config(checkpoint)
+    model = load_model(checkpoint, cfg, torch.device("cpu"))
+    loader = build_loader(cfg, split="eval", seed_offset=EVAL_SEED_OFFSET)
+    loss_sum, correct, total = 0.0, 0, 0
+    with torch.no_grad():
+        for _ in range(cfg.eval.num_batches):
+            batch = next(loader)
+            logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens).logits[0]  # [T, V]
+            answers = (batch.labels[0] != IGNORE_INDEX).nonzero().flatten()
+            before, target = logits[answers - 1].double(), batch.labels[0, answers]
+            loss_sum += F.cross_entropy(before, target, reduction="sum").item()
+            correct += int((before.argmax(-1) == target).sum())
+            total += answers.numel()
+    return {"eval_loss": loss_sum / total, "eval_recall": correct / total}
 
 
 def test_metrics_jsonl_and_config(trained_run):
@@ -37,7 +62,13 @@ def test_metrics_jsonl_and_config(trained_run):
         # 2 MoM layers x 4 memories, each row a distribution over the memories
         assert len(r["router_load"]) == 2 and all(abs(sum(row) - 1) < 1e-3 for row in r["router_load"])
         assert math.isfinite(r["loss"]) and r["tokens"] == r["step"] * 4 * 40
-    assert 0 <= eval_records[-1]["eval_recall"] <= 1 and out["eval_recall"] == eval_records[-1]["eval_recall"]
+    assert out["eval_recall"] == eval_records[-1]["eval_recall"]
+    # each evaluation scores the model saved at its step (checkpoint.interval=3) on the held-out stream
+    checkpoints = {int(p.name.split("_")[-1]): p for p in list_checkpoints(run_dir)}
+    for r in eval_records:
+        want = held_out_scores(checkpoints[r["step"]])
+        assert r["eval_recall"] == want["eval_recall"], (r, want)
+        assert abs(r["eval_loss"] - want["eval_loss"]) <= 1e-5 * want["eval_loss"], (r, want)
     assert (run_dir / "config.yaml").is_file()
 
 
@@ -53,6 +84,36 @@ def test_eval_generate_plot_commands(trained_run, capsys):
     assert main(["plot", str(run_dir)]) == 0
     for name in ("loss.png", "lr.png", "throughput.png"):
         assert (run_dir / name).stat().st_size > 0
+
+
+class EvenAnswersOracle(torch.nn.Module):
+    """Knows every answer (it reads the labels) and names it one position before it when the answer symbol
+    is even, else names the padding symbol; counts the answers it served and those it got right."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.right, self.total = 0, 0
+
+    def forward(self, input_ids, cu_seqlens=None, labels=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)  # [1, T, V], argmax 0 (padding) by default
+        answers = (labels[0] != IGNORE_INDEX).nonzero().flatten()
+        values = labels[0, answers]
+        named = answers[values % 2 == 0]
+        logits[0, named - 1, labels[0, named]] = 1.0
+        self.right += named.numel()
+        self.total += answers.numel()
+        return ModelOutput(loss_sum=torch.tensor(0.0), num_valid=torch.tensor(answers.numel()), logits=logits)
+
+
+def test_eval_recall_is_the_fraction_of_answers_named_one_position_before(tmp_path):
+    """evaluate() reports exactly the share of answers whose preceding position's argmax is the answer."""
+    cfg = mqar_config(tmp_path, "eval.num_batches=3")
+    oracle = EvenAnswersOracle(cfg.model.vocab_size)
+    recall = evaluate(oracle, cfg, ParallelDims())["eval_recall"]
+    assert oracle.total == 3 * cfg.training.micro_batch_size * cfg.data.mqar.num_queries
+    assert 0 < oracle.right < oracle.total
+    assert recall == oracle.right / oracle.total
 
 
 def test_window_skips_nonfinite_steps():

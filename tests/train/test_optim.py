@@ -1,4 +1,5 @@
-"""AdamW groups, the LR schedule, valid-target counting and the global-token loss normalisation."""
+"""AdamW groups, the LR schedule and valid-target counting (the trainer's loss normalisation is checked through
+`train()` in test_grad_accum.py)."""
 from __future__ import annotations
 
 import math
@@ -6,11 +7,8 @@ import math
 import torch
 
 from mom_train.data import build_loader
-from mom_train.engine import Engine
 from mom_train.model import build_model
 from mom_train.optim import WarmupCosine, param_groups
-from mom_train.parallel.dims import ParallelDims
-from mom_train.parallel.parallelize import parallelize
 from mom_train.train import count_valid_targets
 from tests.train.conftest import mqar_config
 
@@ -48,32 +46,3 @@ def test_count_valid_targets_matches_model(tmp_path):
     with torch.no_grad():
         out = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels)
     assert count_valid_targets(batch) == int(out.num_valid)
-
-
-def _grads(cfg, batches) -> dict[str, torch.Tensor]:
-    """Gradients of one trainer step (same normalisation as train.py) over `batches`."""
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    engine = Engine(parallelize(model, ParallelDims(), cfg), cfg, ParallelDims())
-    total = sum(count_valid_targets(b) for b in batches)
-    for i, b in enumerate(batches):
-        engine.forward_backward(b.input_ids, b.labels, b.cu_seqlens, 1.0 / total,
-                                cfg.model.aux_loss_coef / len(batches), last=i == len(batches) - 1)
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def test_grad_accumulation_equals_one_big_batch(tmp_path):
-    small = mqar_config(tmp_path, "training.micro_batch_size=2", "model.aux_loss_coef=0")
-    big = mqar_config(tmp_path, "training.micro_batch_size=4", "model.aux_loss_coef=0")
-    whole = next(build_loader(big))
-    # the same 4 sequences as two micro-batches of 2
-    half = whole.input_ids.shape[1] // 2
-    parts = []
-    for sl in (slice(0, half), slice(half, None)):
-        part = next(build_loader(small))
-        part.input_ids, part.labels = whole.input_ids[:, sl].clone(), whole.labels[:, sl].clone()
-        parts.append(part)
-    g_accum, g_big = _grads(small, parts), _grads(big, [whole])
-    for name in g_big:
-        err = (g_accum[name] - g_big[name]).norm() / g_big[name].norm().clamp(min=1e-12)
-        assert err < 1e-5, (name, float(err))

@@ -9,10 +9,11 @@ from mom_train.config import load_config
 from mom_train.train import train
 from tests.train.conftest import ROOT
 
-# the CI variant: the same model and recipe on a smaller instance of the task (4 pairs, 4 queries, 20 tokens;
-# values still from 64 symbols, chance 1/64) for 500 steps
-SHORT = ["data.mqar.num_pairs=4", "data.mqar.num_queries=4", "training.seq_len=20", "training.steps=500",
-         "eval.interval=500", "checkpoint.interval=0"]
+# the CI variant: the same model on the smallest instance of the task (2 pairs, 2 queries, 10 tokens; values
+# still from 64 symbols, chance 1/64), 180 steps at a constant learning rate after warmup (a short cosine decays
+# it before the model learns to recall), evaluated once at the end
+SHORT = ["data.mqar.num_pairs=2", "data.mqar.num_queries=2", "training.seq_len=10", "training.steps=180",
+         "training.warmup_steps=20", "training.min_lr_ratio=1.0", "eval.interval=180", "checkpoint.interval=0"]
 
 
 def _run(tmp_path, *overrides: str) -> tuple[dict, float]:
@@ -27,10 +28,13 @@ def _run(tmp_path, *overrides: str) -> tuple[dict, float]:
 
 
 def test_quickstart_short(tmp_path):
+    """The recipe learns associative recall: past what copying values from the context can score."""
     out, seconds = _run(tmp_path, *SHORT)
     print(f"quickstart (short): recall {out['eval_recall']:.3f} in {seconds:.0f} s")
-    # 1/64 by chance: only recall from context gets past 0.1 (the full run in test_quickstart_full gets > 0.8)
-    assert out["eval_recall"] > 0.1
+    # values are fresh in every sequence, so a model must read them from its context. Copying one of the two
+    # values for the first query (right half the time) and the other one for the second query (always right:
+    # the first answer is in the input) scores 0.75 without matching keys; only recall gets past 0.8
+    assert out["eval_recall"] > 0.8
 
 
 @pytest.mark.slow
