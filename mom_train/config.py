@@ -441,10 +441,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"global batch of {seqs} sequences is not divisible by `training.micro_batch_size` x "
                           f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}; adjust "
                           "training.global_batch_tokens/global_batch_size or training.micro_batch_size")
-    if p.zero_stage > 1:
-        raise ConfigError(f"`parallel.zero_stage` = {p.zero_stage}: ZeRO stages 2 and 3 (sharded gradients and "
-                          "parameters) are not available yet; use parallel.zero_stage=1 (sharded optimizer state) "
-                          "or 0")
+    if p.zero_stage == 3:
+        raise ConfigError("`parallel.zero_stage` = 3 (sharded parameters) is not available yet; use "
+                          "parallel.zero_stage=1 or 2 (sharded optimizer state) or 0")
     if p.tp > 1:
         mlp = mlp_intermediate_size(m.hidden_size, m.hidden_ratio, m.intermediate_size)
         if mlp % p.tp:

@@ -54,7 +54,9 @@ class FlatGrads:
     `zero_()`.
     """
 
-    def __init__(self, params: list[nn.Parameter]):
+    def __init__(self, params: list[nn.Parameter], pad_to: int = 1):
+        """pad_to: the buffer's size is rounded up to a multiple of it (ZeRO shards it evenly); the padding
+        belongs to no parameter and stays zero."""
         if not params:
             raise ValueError("FlatGrads needs at least one parameter")
         dtypes = {p.dtype for p in params}
@@ -63,7 +65,8 @@ class FlatGrads:
             raise ValueError(f"FlatGrads needs parameters of one dtype and device, got {dtypes} on {devices}; "
                              "keep master weights fp32 on one device")
         self.params = params
-        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        numel = -(-sum(p.numel() for p in params) // pad_to) * pad_to
+        self.buffer = torch.zeros(numel, dtype=params[0].dtype, device=params[0].device)
         self.attach()
 
     def attach(self) -> None:

@@ -4,8 +4,8 @@
 that `parallelize` chose: DDP, or a flat buffer replayed by CUDA graphs); `step()` reduces the gradients,
 clips them by their global norm and applies fused AdamW unless the norm or the step's loss is not finite
 (the AdamW kernel reads `found_inf` on the device and leaves parameters and moments untouched, so skipping
-costs no host sync). With parallel.zero_stage=1 each rank keeps the moments of, and updates, only its shard
-of the parameters (torch's ZeroRedundancyOptimizer over the dp x cp group).
+costs no host sync). With parallel.zero_stage 1 or 2 each of the dp x cp ranks keeps the moments of, and
+updates, only its shard of the parameters (parallel/zero.py).
 
 `state_dict()` / `load_state_dict()` speak the one checkpoint format: the full, consolidated model and
 optimizer state of a single process, whatever the tensor-parallel size or ZeRO stage (parallel/reshard.py).
@@ -17,7 +17,6 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from mom_train.config import Config, ConfigError, TrainingConfig
 from mom_train.cuda_graph import GraphedMicroBatch, MicroBatchOutputs
@@ -27,18 +26,19 @@ from mom_train.parallel.dims import ParallelDims
 from mom_train.parallel.grad import clip_coefficient, clip_grads_, flat_grad_norm
 from mom_train.parallel.parallelize import Parallelized
 from mom_train.parallel.reshard import full_model_state, full_optimizer_state, load_model_state, local_optimizer_state
+from mom_train.parallel.zero import ZeroAdamW
 from mom_train.precision import autocast_context, autocast_dtype, autocast_for_capture
 
 
-def build_optimizer(groups: list[dict], t: TrainingConfig, dims: ParallelDims,
-                    zero_stage: int) -> torch.optim.Optimizer:
-    """Fused AdamW over the parameter groups; with zero_stage 1 and several dp x cp ranks, ZeRO stage 1 (each
-    rank updates its shard, then the updated shards are broadcast)."""
-    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
-    if zero_stage == 1 and dims.grad_size > 1:
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dims.grad_group,
-                                       **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+def build_optimizer(groups: list[dict], t: TrainingConfig, dims: ParallelDims, zero_stage: int,
+                    gradients) -> torch.optim.Optimizer | ZeroAdamW:
+    """Fused AdamW over the parameter groups; with zero_stage 1 or 2 and several dp x cp ranks, sharded over
+    them (ZeroAdamW, on the flat gradient buffer `gradients.flat`)."""
+    if zero_stage in (1, 2) and dims.grad_size > 1:
+        decayed = {id(p) for p in groups[0]["params"]}
+        return ZeroAdamW(gradients.flat, decayed, dims, zero_stage, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                         weight_decay=groups[0]["weight_decay"])
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
 
 
 class Engine:
@@ -61,7 +61,8 @@ class Engine:
         self.param_names = [n for g in groups for n in g["names"]]
         groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = build_optimizer(groups, t, dims, cfg.parallel.zero_stage)
+        self.param_index = {id(p): i for i, p in enumerate(self.params)}
+        self.optimizer = build_optimizer(groups, t, dims, cfg.parallel.zero_stage, self.gradients)
         self.schedule = WarmupCosine.from_config(t)
         self.graphed: GraphedMicroBatch | None = None
         if t.cuda_graphs:
@@ -100,15 +101,24 @@ class Engine:
     def step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduce, clip and update. loss_sum: this rank's summed loss of the step (fp32 scalar, device).
         Returns (grad_norm, nonfinite) device scalars, equal on every rank."""
-        self.gradients.reduce()
-        grad_norm = self._clip(self.grad_clip if self.grad_clip > 0 else math.inf)
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        zero = isinstance(self.optimizer, ZeroAdamW)
+        if zero:
+            grad_norm = self.optimizer.reduce_and_clip(max_norm)
+        else:
+            self.gradients.reduce()
+            grad_norm = self._clip(max_norm)
         nonfinite = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).float()
         # a loss can be non-finite on one rank only; all ranks must take the same decision
         nonfinite = self.dims.all_reduce_(nonfinite).clamp_(max=1.0)
-        # the AdamW that updates this rank's parameters (under ZeRO, its shard) reads the flag
-        getattr(self.optimizer, "optim", self.optimizer).found_inf = nonfinite
-        self.optimizer.step()
-        self.gradients.zero()
+        # the fused AdamW reads the flag on the device and leaves parameters and moments untouched
+        if zero:
+            self.optimizer.step(nonfinite)
+            self.optimizer.zero_grad()
+        else:
+            self.optimizer.found_inf = nonfinite
+            self.optimizer.step()
+            self.gradients.zero()
         return grad_norm.detach(), nonfinite
 
     def _clip(self, max_norm: float) -> torch.Tensor:
@@ -125,10 +135,9 @@ class Engine:
     def state_dict(self) -> dict:
         """The full model and optimizer state and the schedule (collective: every rank calls it). Only the
         first rank's "model" and "optimizer" entries are set (None elsewhere)."""
-        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
-            self.optimizer.consolidate_state_dict(to=0)
-            # the first rank of each dp x cp group holds its tp shard's full moments
-            local = self.optimizer.state_dict() if self.dims.grad_rank == 0 else None
+        if isinstance(self.optimizer, ZeroAdamW):
+            # the first rank of each dp x cp group gathers its tp shard's whole moments
+            local = self.optimizer.full_state_dict(self.param_index)
         else:
             local = self.optimizer.state_dict()
         optimizer = full_optimizer_state(local, self.params, self.dims) if self.dims.grad_rank == 0 else None
@@ -138,7 +147,11 @@ class Engine:
     def load_state_dict(self, sd: dict) -> None:
         """Load full (consolidated) model and optimizer state, keeping this rank's shards."""
         load_model_state(self.module, sd["model"], self.dims)
-        self.optimizer.load_state_dict(local_optimizer_state(sd["optimizer"], self.params, self.dims))
+        local = local_optimizer_state(sd["optimizer"], self.params, self.dims)
+        if isinstance(self.optimizer, ZeroAdamW):
+            self.optimizer.load_full_state_dict(local, self.param_index)
+        else:
+            self.optimizer.load_state_dict(local)
         self.schedule.load_state_dict(sd["schedule"])
 
 

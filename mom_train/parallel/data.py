@@ -3,7 +3,8 @@
 - `DDPGradients`: torch's DistributedDataParallel, its bucketed all-reduces overlapped with the backward of
   the step's last micro-batch (the others skip them);
 - `FlatGradients`: every gradient is a view into one flat fp32 buffer (needed by CUDA-graph replay, which
-  cannot own .grad tensors), averaged with one all-reduce after the last micro-batch.
+  cannot own .grad tensors, and by ZeRO, which shards it), averaged with one all-reduce after the last
+  micro-batch (under ZeRO the sharded optimizer reduces it instead: parallel/zero.py).
 Either way the tensor-parallel partial gradients are then summed over tp (parallel/grad.py), so after
 `reduce()` every rank holds the gradient of the global loss for its parameters.
 """
@@ -51,14 +52,15 @@ class FlatGradients:
     """Gradients as views into one buffer laid out [tp-sharded | tp-partial | replicated] (parallel/grad.py),
     averaged over the dp x cp group with one all-reduce and the partial slice summed over tp."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], dims: ParallelDims):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], dims: ParallelDims, pad_to: int = 1):
+        """pad_to: round the buffer up to a multiple (ZeRO shards it evenly over the dp x cp ranks)."""
         self.dims = dims
         self.module = model
         if dims.grad_size > 1:
             # every replica must start from the same weights, as DDP's constructor would ensure
             for p in model.parameters():
                 dims.broadcast_(p.data, dims.grad_group)
-        self.flat = FlatGrads(order_for_flat_buffer(params))
+        self.flat = FlatGrads(order_for_flat_buffer(params), pad_to)
         self.sharded, self.partial = flat_slices(self.flat.params)
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
@@ -78,10 +80,14 @@ class FlatGradients:
         self.flat.zero_()
 
 
-def build_gradients(model: nn.Module, params: list[nn.Parameter], dims: ParallelDims,
-                    flat: bool) -> DDPGradients | FlatGradients:
-    """The data-parallel wrapper of a run: flat gradients (training.cuda_graphs) or DDP."""
-    return (FlatGradients if flat else DDPGradients)(model, params, dims)
+def build_gradients(model: nn.Module, params: list[nn.Parameter], dims: ParallelDims, cuda_graphs: bool,
+                    zero_stage: int) -> DDPGradients | FlatGradients:
+    """The data-parallel wrapper of a run: flat gradients (CUDA graphs, or ZeRO sharding over several dp x cp
+    ranks, padded for it) or DDP. params: in the optimizer's order (decayed group first)."""
+    zero = zero_stage > 0 and dims.grad_size > 1
+    if cuda_graphs or zero:
+        return FlatGradients(model, params, dims, pad_to=dims.grad_size if zero else 1)
+    return DDPGradients(model, params, dims)
 
 
 def broadcast_parameters(model: nn.Module, dims: ParallelDims) -> None:

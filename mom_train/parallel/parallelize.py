@@ -7,7 +7,7 @@ The model arrives plain (built identically on every rank from the run's seed, on
    `shard_batch`), but the model must have a context-parallel path;
 3. recomputing each block in backward when training.activation_checkpointing is on;
 4. on its device, wrapped for data parallelism over the dp x cp ranks (parallel/data.py): DDP, or flat
-   gradients for CUDA-graph replay.
+   gradients for CUDA-graph replay and ZeRO.
 """
 from __future__ import annotations
 
@@ -45,4 +45,4 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> Paralleliz
     # 4. data parallelism, on the device
     model.to(dims.device)
     params = [p for g in param_groups(model, 0.0) for p in g["params"]]
-    return Parallelized(model, build_gradients(model, params, dims, flat=cfg.training.cuda_graphs))
+    return Parallelized(model, build_gradients(model, params, dims, cfg.training.cuda_graphs, cfg.parallel.zero_stage))

@@ -60,9 +60,11 @@ def test_two_data_parallel_groups_of_two_train_like_data_parallel_with_and_witho
     assert sorted(dp) == sorted(dpcp) == list(range(1, steps + 1))
     for step in dp:
         assert abs(dpcp[step] - dp[step]) <= 1e-5 * abs(dp[step]), f"step {step}: {dpcp[step]} != {dp[step]}"
-    # ZeRO stage 1 over the 4 ranks changes nothing but where the AdamW moments live
-    _spawn(tmp_path / "zero", 0, "parallel.zero_stage=1", world=4, cp=2)
-    assert read_losses(tmp_path / "zero" / "quickstart") == dpcp
+    # ZeRO stage 2 over the 4 ranks changes nothing but where the AdamW moments live (and summation order)
+    _spawn(tmp_path / "zero", 0, "parallel.zero_stage=2", world=4, cp=2)
+    zero = read_losses(tmp_path / "zero" / "quickstart")
+    for step in dpcp:
+        assert abs(zero[step] - dpcp[step]) <= 1e-5 * abs(dpcp[step]), f"step {step}: {zero[step]} != {dpcp[step]}"
     saved = latest_checkpoint(tmp_path / "dpcp" / "quickstart")
     assert sorted(p.name for p in saved.glob("rank_*.pt")) == [
         "rank_00000.pt", "rank_00000_cp001.pt", "rank_00001.pt", "rank_00001_cp001.pt"]

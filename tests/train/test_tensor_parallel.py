@@ -54,9 +54,9 @@ def test_two_tensor_parallel_ranks_train_like_one_process(tmp_path, sp):
 
 
 def test_tensor_parallel_composes_with_data_parallel_zero_and_recompute(tmp_path):
-    # 4 ranks: dp 2 x tp 2 (with ZeRO stage 1 over the dp ranks, blocks recomputed in backward) against dp 2
+    # 4 ranks: dp 2 x tp 2 (with ZeRO stage 2 over the dp ranks, blocks recomputed in backward) against dp 2
     train_ranks(tmp_path / "dp", 2, TP)
-    train_ranks(tmp_path / "dptp", 4, [*TP, "parallel.tp=2", "parallel.zero_stage=1",
+    train_ranks(tmp_path / "dptp", 4, [*TP, "parallel.tp=2", "parallel.zero_stage=2",
                                         "training.activation_checkpointing=true"])
     assert_same_training(tmp_path / "dptp", tmp_path / "dp")
     saved = latest_checkpoint(tmp_path / "dptp" / "quickstart")
