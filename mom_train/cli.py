@@ -56,18 +56,21 @@ def describe_layout(cfg: Config, world_size: int) -> str:
     dp = world_size // (p.tp * p.cp)
     lines = [f"layout: {world_size} rank(s) = dp {dp} x cp {p.cp} x tp {p.tp}"
              + (" (sequence parallel)" if p.tp > 1 and p.sequence_parallel else "")]
-    if p.tp > 1:
-        from mom_train.parallel.tensor import local_parameter_count
+    from mom_train.parallel.memory import describe_memory
+    from mom_train.parallel.tensor import local_parameter_count
 
+    total = count_parameters(cfg.model)["total"]
+    local = total
+    if p.tp > 1:
         with torch.device("meta"):
             model = build_model(cfg.model)
         local = local_parameter_count(model, p.tp)
-        total = count_parameters(cfg.model)["total"]
         lines.append(f"  parameters per rank:   {local:>15,d} ({_format_count(local)} of {_format_count(total)}: "
                      "heads and MLP split over tp; embedding, norms and router whole)")
     if p.cp > 1:
         lines.append(f"  each micro-batch split over {p.cp} context-parallel ranks "
                      f"({cfg.training.micro_batch_size * cfg.training.seq_len // p.cp} tokens per rank)")
+    lines.append("  " + describe_memory(cfg, world_size, local))
     return "\n".join(lines)
 
 

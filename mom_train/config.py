@@ -154,7 +154,17 @@ class ParallelConfig:
     sequence_parallel: bool = True
     # context parallelism: each packed sequence split over cp ranks, recurrent states passed between them
     cp: int = _range(1, default=1)
+    # ZeRO over the dp x cp ranks: 1 optimizer state, 2 + gradients (reduce-scatter), 3 + parameters (DeepSpeed)
     zero_stage: int = _range(0, 3, default=0)
+    # native: our step engine (stages 0-2, CUDA graphs); deepspeed: DeepSpeed's (any stage); auto: DeepSpeed for
+    # stage 3, else native
+    engine: Literal["auto", "native", "deepspeed"] = "auto"
+    # a DeepSpeed JSON merged under the run's settings (the YAML wins; each conflict is reported)
+    deepspeed_config: str | None = None
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.engine == "deepspeed" or (self.engine == "auto" and self.zero_stage == 3)
 
 
 @dataclass
@@ -441,9 +451,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"global batch of {seqs} sequences is not divisible by `training.micro_batch_size` x "
                           f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}; adjust "
                           "training.global_batch_tokens/global_batch_size or training.micro_batch_size")
-    if p.zero_stage == 3:
-        raise ConfigError("`parallel.zero_stage` = 3 (sharded parameters) is not available yet; use "
-                          "parallel.zero_stage=1 or 2 (sharded optimizer state) or 0")
+    if p.zero_stage == 3 and p.engine == "native":
+        raise ConfigError("`parallel.zero_stage` = 3 (sharded parameters) runs on DeepSpeed; set "
+                          "parallel.engine=deepspeed (or auto), or use zero_stage 1 or 2 with the native engine")
+    if p.uses_deepspeed and t.cuda_graphs:
+        raise ConfigError("`training.cuda_graphs` = true cannot capture DeepSpeed's step (its hooks and "
+                          "collectives run on the host); set training.cuda_graphs=false, or use "
+                          "parallel.engine=native with parallel.zero_stage 0-2")
+    if p.deepspeed_config is not None and not p.uses_deepspeed:
+        raise ConfigError(f"`parallel.deepspeed_config` = {p.deepspeed_config!r} is given but the run uses the "
+                          "native engine; set parallel.engine=deepspeed (or drop the deepspeed config)")
     if p.tp > 1:
         mlp = mlp_intermediate_size(m.hidden_size, m.hidden_ratio, m.intermediate_size)
         if mlp % p.tp:

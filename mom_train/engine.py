@@ -92,6 +92,10 @@ class Engine:
         """A fresh autocast context for one forward pass."""
         return autocast_context(self.precision, self.dims.device)
 
+    def evaluation(self) -> contextlib.AbstractContextManager:
+        """Around evaluating `module` directly: nothing to do (its parameters are whole)."""
+        return contextlib.nullcontext()
+
     def set_lr(self, step: int) -> float:
         lr = self.schedule(step)
         for g in self.optimizer.param_groups:
@@ -155,6 +159,151 @@ class Engine:
         self.schedule.load_state_dict(sd["schedule"])
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the optimizer updates, in its order (decayed group first)."""
-    return [p for g in param_groups(model, 0.0) for p in g["params"]]
+class DeepSpeedEngine:
+    """`Engine`'s interface on DeepSpeed (parallel.engine=deepspeed, or ZeRO stage 3): see
+    parallel/deepspeed.py. Micro-batches are accumulated by DeepSpeed (gradient_accumulation_steps = the run's
+    accumulation); the boundary step is taken in `step()`, after the tensor-parallel partial gradients are
+    summed and the loss is checked, so the loop keeps its normalisation, NaN policy and metrics."""
+
+    def __init__(self, parallel: Parallelized, cfg: Config, dims: ParallelDims, grad_accum: int, log=print):
+        from mom_train.parallel.deepspeed import (DeepSpeedModel, GuardedAdamW, MegatronLayout, deepspeed_config,
+                                                  import_deepspeed, materialize_optimizer_state,
+                                                  register_stage3_externals, tag_tensor_parallel)
+
+        deepspeed = import_deepspeed(dims.device)
+        t = cfg.training
+        self.module, self.dims = parallel.model, dims
+        self.precision = t.precision
+        self.stage = cfg.parallel.zero_stage
+        self.graphed = None
+        tag_tensor_parallel(self.module)
+        groups = param_groups(self.module, t.weight_decay)
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
+        self.param_index = {id(p): i for i, p in enumerate(self.params)}
+        self.partial = [p for p in self.params if getattr(p, "tp_partial", False)]
+        # the parameter groups' sizes in the one-process optimizer's numbering (DeepSpeed flattens the groups)
+        self.group_sizes = [len(g["params"]) for g in groups]
+        self.optimizer = GuardedAdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+        self.schedule = WarmupCosine.from_config(t)
+        wrapper = DeepSpeedModel(self.module)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=wrapper, optimizer=self.optimizer, config=deepspeed_config(cfg, dims, grad_accum, log),
+            mpu=MegatronLayout(dims) if dims.distributed else None, dist_init_required=False)
+        if self.stage == 3:
+            register_stage3_externals(wrapper)
+        # AdamW's state exists from the start (DeepSpeed links each parameter to its shard of the moments at the
+        # first step, and would miss the moments of a parameter group not stepped yet)
+        materialize_optimizer_state(self.ds, torch.zeros(()))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.precision, self.dims.device)
+
+    def evaluation(self) -> contextlib.AbstractContextManager:
+        """Around evaluating `module` directly: under stage 3 its parameters are gathered whole for the
+        evaluation (each rank then holds the whole model for a moment)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero import GatheredParameters
+
+        return GatheredParameters(list(self.module.parameters()))
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
+                         ce_scale: float, aux_scale: float, last: bool,
+                         context: ContextParallel | None = None) -> MicroBatchOutputs:
+        """As `Engine.forward_backward`; a micro-batch that is not the step's last is a DeepSpeed micro-step."""
+        with self.autocast():
+            loss_sum, aux_loss, load = self.ds(input_ids, cu_seqlens=cu_seqlens, labels=labels, context=context)
+        self.ds.backward(loss_sum * ce_scale + aux_loss * aux_scale, scale_wrt_gas=False)
+        if not last:
+            self.ds.step()
+        return MicroBatchOutputs(loss_sum.detach(), aux_loss.detach(), load.detach() if load is not None else None)
+
+    def set_lr(self, step: int) -> float:
+        lr = self.schedule(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The accumulation boundary: tp-partial gradients summed over tp, then DeepSpeed's reduce, clip and
+        GuardedAdamW step (skipped when the loss or a gradient is not finite on any rank)."""
+        if self.dims.tp_size > 1:
+            self._sum_partial_grads()
+        self.optimizer.nonfinite = (~torch.isfinite(loss_sum)).float()
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        device = loss_sum.device
+        grad_norm = torch.as_tensor(norm if norm is not None else math.nan, dtype=torch.float32).to(device)
+        return grad_norm, self.optimizer.skipped.to(device)
+
+    def _sum_partial_grads(self) -> None:
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        for p in self.partial:
+            grad = safe_get_full_grad(p)
+            if grad is None:
+                continue
+            grad = grad.clone()
+            torch.distributed.all_reduce(grad, group=self.dims.tp_group)
+            safe_set_full_grad(p, grad)
+
+    def state_dict(self) -> dict:
+        """The one-process model and optimizer state (collective; set on the first rank only) and the schedule."""
+        from mom_train.parallel.deepspeed import full_moment, full_parameter, optimizer_step_count
+        from mom_train.parallel.reshard import gather_tp_full
+
+        named = list(self.module.named_parameters())
+        model = {}
+        for name, p in named:
+            value = gather_tp_full(full_parameter(p), getattr(p, "tp_shard", None), self.dims)
+            if self.dims.is_main:
+                model[name] = value.detach().cpu().clone()
+        step = optimizer_step_count(self.ds)
+        state = {}
+        for i, p in enumerate(self.params):
+            moments = {key: full_moment(p, key, self.ds) for key in ("exp_avg", "exp_avg_sq")}
+            if any(m is None for m in moments.values()):
+                continue
+            moments = {k: gather_tp_full(v, getattr(p, "tp_shard", None), self.dims) for k, v in moments.items()}
+            if self.dims.is_main:
+                state[i] = {"step": step.clone(), **{k: v.detach().cpu().clone() for k, v in moments.items()}}
+        groups, start = [], 0
+        for g, num in zip(self.optimizer.param_groups, self.group_sizes):
+            hyper = {k: v for k, v in g.items() if k not in ("params", "found_inf")}
+            groups.append({**hyper, "params": list(range(start, start + num))})
+            start += num
+        optimizer = {"state": state, "param_groups": groups} if self.dims.is_main else None
+        return {"model": model if self.dims.is_main else None, "optimizer": optimizer,
+                "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from mom_train.parallel.deepspeed import materialize_optimizer_state, set_moment, set_parameter
+        from mom_train.parallel.tensor import shard_tensor
+
+        def local(value: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+            spec = getattr(p, "tp_shard", None)
+            return value if spec is None else shard_tensor(value, spec, self.dims.tp_rank, self.dims.tp_size)
+
+        named = dict(self.module.named_parameters())
+        missing = sorted(set(named) - set(sd["model"]))
+        if missing:
+            raise KeyError(f"the checkpoint's model lacks {missing[:5]}")
+        for name, p in named.items():
+            set_parameter(p, local(sd["model"][name], p), self.dims)
+        states = sd["optimizer"]["state"]
+        if states:
+            materialize_optimizer_state(self.ds, next(iter(states.values()))["step"])
+            for i, p in enumerate(self.params):
+                if i in states:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        set_moment(p, key, local(states[i][key], p), self.ds)
+        self.schedule.load_state_dict(sd["schedule"])
+
+
+def build_engine(parallel: Parallelized, cfg: Config, dims: ParallelDims, grad_accum: int,
+                 log=print) -> Engine | DeepSpeedEngine:
+    """Our engine, or DeepSpeed's for parallel.engine=deepspeed and ZeRO stage 3."""
+    if cfg.parallel.uses_deepspeed:
+        return DeepSpeedEngine(parallel, cfg, dims, grad_accum, log)
+    return Engine(parallel, cfg, dims)

@@ -26,7 +26,7 @@ from mom_train.checkpoint import (PreemptionHandler, check_compatible, load_main
                                   rng_state, save_checkpoint, set_rng_state)
 from mom_train.config import Config
 from mom_train.data import IGNORE_INDEX, Batch, build_loader
-from mom_train.engine import Engine
+from mom_train.engine import build_engine
 from mom_train.eval import evaluate
 from mom_train.kernels.cp import ContextParallel
 from mom_train.metrics import MetricsLogger, Window, peak_flops
@@ -100,12 +100,13 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
 
     # model: identical init on every rank (tensor parallelism keeps each rank's shard of it), then one RNG
     # stream per data/context-parallel rank (shared by its tp ranks, which see the same data)
+    grad_accum = cfg.grad_accum_steps(dims.dp_size)
     seed_everything(cfg.run.seed)
-    engine = Engine(parallelize(build_model(cfg.model), dims, cfg), cfg, dims)
+    engine = build_engine(parallelize(build_model(cfg.model), dims, cfg), cfg, dims, grad_accum,
+                          log=print if dims.is_main else lambda message: None)
     model = engine.module
     seed_everything(cfg.run.seed + dims.grad_rank)
     loader = build_loader(cfg, dims.dp_rank, dims.dp_size, split="train")
-    grad_accum = cfg.grad_accum_steps(dims.dp_size)
     tokens_per_step = grad_accum * dims.dp_size * t.micro_batch_size * t.seq_len
 
     step, tokens, num_skipped = 0, 0, 0
@@ -207,7 +208,8 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
         pause_start = time.perf_counter()
         do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == t.steps)
         if do_eval and not stopping:
-            scores = evaluate(model, cfg, dims)
+            with engine.evaluation():
+                scores = evaluate(model, cfg, dims)
             model.train()
             logger.log({"step": step, **scores})
             logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))

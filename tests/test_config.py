@@ -211,3 +211,24 @@ def test_cli_dry_run_prints_config_and_model_size():
     assert res.returncode == 0, res.stderr
     assert "# resolved config" in res.stdout
     assert "parameters total" in res.stdout and "FLOPs/token" in res.stdout
+
+
+def test_memory_estimate_shards_what_each_zero_stage_shards():
+    from mom_train.parallel.memory import estimate_memory
+
+    cfg = load_config(REPO / "configs" / "mom_1.3b.yaml", ["training.cuda_graphs=false"], world_size=8)
+    params = 1_000_000
+    stages = {}
+    for stage, engine in ((0, "native"), (1, "native"), (2, "native"), (2, "deepspeed"), (3, "deepspeed")):
+        cfg.parallel.zero_stage, cfg.parallel.engine = stage, engine
+        stages[(stage, engine)] = estimate_memory(cfg, 8, params)
+    assert stages[(0, "native")]["optimizer"] == 8 * params
+    assert stages[(1, "native")]["optimizer"] == params and stages[(1, "native")]["gradients"] == 4 * params
+    # our stage 2 keeps the whole gradient buffer; DeepSpeed's shards it; stage 3 also the parameters
+    assert stages[(2, "native")]["gradients"] == 4 * params
+    assert stages[(2, "deepspeed")]["gradients"] == params / 2
+    assert stages[(3, "deepspeed")]["parameters"] == params / 2
+    # activations do not depend on the stage, and recompute keeps far fewer
+    assert len({s["activations"] for s in stages.values()}) == 1
+    cfg.training.activation_checkpointing = True
+    assert estimate_memory(cfg, 8, params)["activations"] < stages[(0, "native")]["activations"] / 5

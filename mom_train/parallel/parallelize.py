@@ -7,7 +7,7 @@ The model arrives plain (built identically on every rank from the run's seed, on
    `shard_batch`), but the model must have a context-parallel path;
 3. recomputing each block in backward when training.activation_checkpointing is on;
 4. on its device, wrapped for data parallelism over the dp x cp ranks (parallel/data.py): DDP, or flat
-   gradients for CUDA-graph replay and ZeRO.
+   gradients for CUDA-graph replay and ZeRO; with the DeepSpeed engine, DeepSpeed wraps it (engine.py).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from mom_train.parallel.tensor import apply_tensor_parallel
 @dataclass
 class Parallelized:
     """model: the plain model (its tp shard), for state dicts and evaluation; gradients: the data-parallel
-    wrapper, whose `module` runs the training forward."""
+    wrapper, whose `module` runs the training forward (None when DeepSpeed wraps the model)."""
     model: nn.Module
-    gradients: DDPGradients | FlatGradients
+    gradients: DDPGradients | FlatGradients | None
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> Parallelized:
@@ -44,5 +44,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> Paralleliz
     model.activation_checkpointing = cfg.training.activation_checkpointing
     # 4. data parallelism, on the device
     model.to(dims.device)
+    if cfg.parallel.uses_deepspeed:
+        # DeepSpeed reduces and shards the gradients itself (engine.DeepSpeedEngine)
+        return Parallelized(model, None)
     params = [p for g in param_groups(model, 0.0) for p in g["params"]]
     return Parallelized(model, build_gradients(model, params, dims, cfg.training.cuda_graphs, cfg.parallel.zero_stage))

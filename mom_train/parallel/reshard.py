@@ -30,6 +30,14 @@ def _gather_full(local: torch.Tensor, spec: TPShard, dims: ParallelDims) -> torc
     return unshard_tensor([p.cpu() for p in parts], spec, local.shape[spec.dim] * dims.tp_size)
 
 
+def gather_tp_full(local: torch.Tensor, spec: TPShard | None, dims: ParallelDims) -> torch.Tensor | None:
+    """A tensor that is this rank's tp shard under `spec` (or whole: spec None) -> the full tensor on the first
+    rank of the tp group (None on the others). Collective over the tp group when sharded."""
+    if spec is None or dims.tp_size == 1:
+        return local
+    return _gather_full(local, spec, dims)
+
+
 def full_model_state(model: nn.Module, dims: ParallelDims) -> dict[str, torch.Tensor] | None:
     """The full state dict (CPU tensors) on the first rank, None elsewhere (collective over the tp group of
     the first rank; every rank calls it)."""

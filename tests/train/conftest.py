@@ -123,3 +123,24 @@ def _train_rank(rank: int, world: int, port: int, run_dir: str, preempt_after: i
         train_mod.build_loader = lambda *a, **k: SignalAfter(build(*a, **k), preempt_after)
     out = train_mod.train(mqar_config(Path(run_dir), *overrides, world_size=world))
     assert out["preempted"] == bool(preempt_after)
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """Runs that several tests compare against, trained once per session: `reference_runs(world, overrides)` ->
+    the run directory (world ranks on gloo, or this process for world 1)."""
+    import mom_train.train as train_mod
+
+    cache: dict[tuple, Path] = {}
+
+    def get(world: int, overrides: list[str]) -> Path:
+        key = (world, tuple(overrides))
+        if key not in cache:
+            run_dir = tmp_path_factory.mktemp("reference")
+            if world == 1:
+                train_mod.train(mqar_config(run_dir, *overrides))
+            else:
+                train_ranks(run_dir, world, list(overrides))
+            cache[key] = run_dir
+        return cache[key]
+    return get

@@ -46,19 +46,19 @@ def assert_same_training(got_dir: Path, ref_dir: Path, keys=("loss", "aux_loss",
 
 
 @pytest.mark.parametrize("sp", [True, False], ids=["sequence-parallel", "replicated-stream"])
-def test_two_tensor_parallel_ranks_train_like_one_process(tmp_path, sp):
+def test_two_tensor_parallel_ranks_train_like_one_process(tmp_path, reference_runs, sp):
     torch.set_num_threads(1)
-    train_mod.train(mqar_config(tmp_path / "one", *TP))
     train_ranks(tmp_path / "tp", 2, [*TP, "parallel.tp=2", f"parallel.sequence_parallel={sp}"])
-    assert_same_training(tmp_path / "tp", tmp_path / "one")
+    assert_same_training(tmp_path / "tp", reference_runs(1, TP))
 
 
-def test_tensor_parallel_composes_with_data_parallel_zero_and_recompute(tmp_path):
-    # 4 ranks: dp 2 x tp 2 (with ZeRO stage 2 over the dp ranks, blocks recomputed in backward) against dp 2
-    train_ranks(tmp_path / "dp", 2, TP)
-    train_ranks(tmp_path / "dptp", 4, [*TP, "parallel.tp=2", "parallel.zero_stage=2",
-                                        "training.activation_checkpointing=true"])
-    assert_same_training(tmp_path / "dptp", tmp_path / "dp")
+@pytest.mark.parametrize("overrides", [["parallel.zero_stage=2", "training.activation_checkpointing=true"],
+                                       ["parallel.zero_stage=3"]], ids=["zero2-recompute", "deepspeed-zero3"])
+def test_tensor_parallel_composes_with_data_parallel_and_zero(tmp_path, reference_runs, overrides):
+    # 4 ranks: dp 2 x tp 2 with ZeRO over the dp ranks (ours at stage 2 with blocks recomputed in backward, and
+    # DeepSpeed's stage 3 with megatron-core's groups) against dp 2
+    train_ranks(tmp_path / "dptp", 4, [*TP, "parallel.tp=2", *overrides])
+    assert_same_training(tmp_path / "dptp", reference_runs(2, TP))
     saved = latest_checkpoint(tmp_path / "dptp" / "quickstart")
     # the tp ranks of a replica share their data position and RNG: one file per data-parallel rank
     assert sorted(p.name for p in saved.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
@@ -72,14 +72,13 @@ def test_tensor_parallel_composes_with_context_parallel(tmp_path):
     assert_same_training(tmp_path / "cptp", tmp_path / "cp")
 
 
-def test_saved_at_two_tensor_parallel_ranks_resumes_in_one_process(tmp_path):
+def test_saved_at_two_tensor_parallel_ranks_resumes_in_one_process(tmp_path, reference_runs):
     torch.set_num_threads(1)
-    train_mod.train(mqar_config(tmp_path / "one", *TP))
     # preempted after 3 steps (2 micro-batches per step), then resumed at tp=1
     train_ranks(tmp_path / "moved", 2, [*TP, "parallel.tp=2"], preempt_after=6)
     assert latest_checkpoint(tmp_path / "moved" / "quickstart").name == "step_0000003"
     train_mod.train(mqar_config(tmp_path / "moved", *TP))
-    assert_same_training(tmp_path / "moved", tmp_path / "one")
+    assert_same_training(tmp_path / "moved", reference_runs(1, TP))
 
 
 @pytest.mark.parametrize("overrides, match", [
