@@ -20,6 +20,7 @@ On a CPU machine it starts in seconds: the CPU accelerator (DS_ACCELERATOR=cpu) 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -48,6 +49,9 @@ def import_deepspeed(device: torch.device):
                               "parallel.engine=native") from None
     # its shared-memory collective op is compiled on first use (about a minute); gloo and NCCL need none
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # its notes (an optimizer it has not tested: our torch AdamW; our ModelOutput/Routing types it cannot look
+    # into, whose tensors need no hooks) would repeat on every rank
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     return deepspeed
 
 

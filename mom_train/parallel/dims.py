@@ -159,6 +159,8 @@ def init_parallel(cfg: Config, timeout_s: float = 1800.0) -> ParallelDims:
         dims.owns_group = True
     dims.world_group = dist.group.WORLD
     dims.cpu_group = dims.world_group if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    # megatron-core and DeepSpeed call the collectives torch 2.13 renamed (all_gather_into_tensor, ...)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

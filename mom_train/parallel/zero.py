@@ -34,6 +34,10 @@ from mom_train.cuda_graph import FlatGrads
 from mom_train.parallel.dims import ParallelDims
 from mom_train.parallel.grad import clip_coefficient, is_partial, is_sharded
 
+# torch >= 2.13 names them *_single (the *_tensor names warn); older releases have only *_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -122,7 +126,7 @@ class ZeroAdamW:
             dims.all_reduce_(buffer, dims.grad_group)
             buffer.div_(dims.grad_size)
         else:
-            dist.reduce_scatter_tensor(self.shard_grad, buffer, group=dims.grad_group)
+            _reduce_scatter(self.shard_grad, buffer, group=dims.grad_group)
             self.shard_grad.div_(dims.grad_size)
         grads = [t.grad for t in self.tensors]
         squares = torch.zeros(2, dtype=torch.float32, device=buffer.device)
@@ -141,7 +145,7 @@ class ZeroAdamW:
         self.optimizer.found_inf = found_inf
         self.optimizer.step()
         mine = self.flat[self.shard].clone()
-        dist.all_gather_into_tensor(self.flat, mine, group=self.dims.grad_group)
+        _all_gather(self.flat, mine, group=self.dims.grad_group)
 
     def zero_grad(self) -> None:
         self.grads.zero_()
