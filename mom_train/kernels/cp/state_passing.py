@@ -6,11 +6,13 @@ and builds the `ContextParallel` object that the layers pass here.
 Over one rank's rows of a segment, the delta rule S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1}
 + beta_t k_t v_t^T is affine in the state that enters: S_out = M S_in + S_0, with M [K, K] the product of
 the per-token transitions and S_0 [K, V] the state reached from zero. Each rank computes (M, S_0) for the
-segment it hands to the next rank (two extra forward passes of the chunked kernel: values 0 from the
-identity, and v from zero), all ranks gather every rank's summary, and rank r composes ranks 0 .. r-1 in
-order to get the state entering its first segment; then it runs the kernel once more with that initial
-state. Gradients flow back through the composition and the gather (an all-reduce in backward), so every
-input's gradient equals the single-process one.
+segment it hands to the next rank, all ranks gather every rank's summary, and rank r composes ranks
+0 .. r-1 in order to get the state S_in entering its first segment. The output is linear in S_in too:
+o_t = o_t^0 + S_in^T (scale P_t^T q_t), so the pass from zero (which gives S_0 and o^0) and the pass from the
+identity with zero values (which gives M and the readout scale P_t^T q_t) are all the kernel work: two
+passes, one on the first rank and wherever a rank hands nothing on. Gradients flow back through the
+composition and the gather (an all-reduce in backward), so every input's gradient equals the one-process
+one.
 
 A "chain" is one recurrent stream that may cross ranks (all heads at once): Gated DeltaNet's packed sequence
 is one chain; MoM's buffer has one per memory and one for the shared memory, each its own run of segments.
@@ -178,8 +180,12 @@ def context_parallel_gated_delta_rule(
     segments; first_segments / last_segments long [C]: for each chain, the local segment it enters in and the
     one it leaves from; continues_out: whether the last segments' documents go on on the next rank (one bool,
     or bool [C] per chain). passes_through=False: no chain enters and leaves in the same segment (the rows
-    hold several documents), so the transition pass is skipped; continues_out=False (a bool) skips both
-    summary passes.
+    hold several documents), so no transition is kept.
+
+    Work per rank, in passes of the chunked kernel: one where the rank hands nothing on (continues_out=False,
+    or the last rank) or receives nothing (the first rank); two otherwise (from zero states, which gives the
+    summary's S_0 and the output before the incoming state's share, and from the identity with zero values,
+    which gives the transition M and how each row reads the incoming state).
     group None (or one rank) is the single-process computation. Returns o [1, L, H, V]; differentiable in
     q, k, v, g and beta, with the gradients of the whole distributed computation.
     """
@@ -195,29 +201,52 @@ def context_parallel_gated_delta_rule(
     if last_segments.shape != first_segments.shape:
         raise ValueError(f"first_segments {tuple(first_segments.shape)} and last_segments "
                          f"{tuple(last_segments.shape)} must both be [C], one entry per chain")
-    if continues_out is False:
-        # every chain's last document ends on this rank: it hands on nothing (the next rank's first segment
-        # starts from zero). A leaf that wants a gradient keeps this rank in the gather's backward collective
+    receives = rank > 0
+    if continues_out is False or rank == world - 1:
+        # this rank hands nothing on (every chain's last document ends here, or it is the last rank): one pass
+        # from the states that enter. A leaf that wants a gradient keeps it in the gather's backward collective
         summary = torch.zeros(C, H, K, K + V, device=q.device, dtype=torch.float32,
                               requires_grad=torch.is_grad_enabled())
-    else:
+        state_in = compose_prefix(_GatherSummaries.apply(summary, group), rank, K)
+        h0 = torch.zeros(num_segments, H, K, V, device=q.device, dtype=torch.float32)
+        h0 = h0.index_copy(0, first_segments, state_in)
+        return gated_delta_rule(q, k, v, g, beta, initial_state=h0, **kwargs)[0]
+    # the rows from zero states: the output before the incoming states' share, and S_0 of every segment
+    o_zero, s_all = gated_delta_rule(q, k, v, g, beta, output_final_state=True, **kwargs)
+    m_last = torch.zeros(C, H, K, K, device=q.device, dtype=torch.float32)
+    if receives:
+        # the identity pushed through every chain's first segment with zero values: its outputs are
+        # scale * P_t^T q_t, how row t reads the state that entered its chain (so the incoming state's share of
+        # the output is one small product per chain, no rerun), and where that segment is also the last, its
+        # final state is the transition M the next rank composes with (the first rank's M is never used)
+        eye = torch.eye(K, device=q.device, dtype=torch.float32).expand(C, H, K, K)
+        h0_eye = torch.zeros(num_segments, H, K, K, device=q.device, dtype=torch.float32)
+        h0_eye = h0_eye.index_copy(0, first_segments, eye)
+        readout, m_all = gated_delta_rule(q, k, torch.zeros_like(k), g, beta, initial_state=h0_eye,
+                                          output_final_state=passes_through, **kwargs)
         if passes_through:
-            # M: the identity pushed through every chain's last segment with zero values (non-zero only where
-            # that segment is also the one the chain enters: a document start in between resets the state)
-            eye = torch.eye(K, device=q.device, dtype=torch.float32).expand(C, H, K, K)
-            h0_eye = torch.zeros(num_segments, H, K, K, device=q.device, dtype=torch.float32)
-            h0_eye = h0_eye.index_copy(0, first_segments, eye)
-            _, m_all = gated_delta_rule(q, k, torch.zeros_like(k), g, beta, initial_state=h0_eye,
-                                        output_final_state=True, **kwargs)
             m_last = m_all[last_segments]
-        else:
-            m_last = torch.zeros(C, H, K, K, device=q.device, dtype=torch.float32)
-        _, s_all = gated_delta_rule(q, k, v, g, beta, output_final_state=True, **kwargs)
-        summary = torch.cat([m_last, s_all[last_segments]], dim=-1)
-        # chains whose last document ends on this rank hand on nothing
-        summary = summary * _chain_mask(continues_out, C, q.device)[:, None, None, None].float()
-    summaries = _GatherSummaries.apply(summary, group)
-    state_in = compose_prefix(summaries, rank, K)
-    h0 = torch.zeros(num_segments, H, K, V, device=q.device, dtype=torch.float32)
-    h0 = h0.index_copy(0, first_segments, state_in)
-    return gated_delta_rule(q, k, v, g, beta, initial_state=h0, **kwargs)[0]
+    summary = torch.cat([m_last, s_all[last_segments]], dim=-1)
+    # chains whose last document ends on this rank hand on nothing
+    summary = summary * _chain_mask(continues_out, C, q.device)[:, None, None, None].float()
+    state_in = compose_prefix(_GatherSummaries.apply(summary, group), rank, K)
+    if not receives:
+        # nothing enters the first rank, but its output must depend on the gather so that its backward (an
+        # all-reduce every rank joins) runs here too
+        return o_zero + (state_in.sum() * 0.0).to(o_zero.dtype)
+    return (o_zero.float() + incoming_share(readout, state_in, cu_seqlens, first_segments)).to(o_zero.dtype)
+
+
+def incoming_share(readout: torch.Tensor, state_in: torch.Tensor, cu_seqlens: torch.Tensor,
+                   first_segments: torch.Tensor) -> torch.Tensor:
+    """The output rows owe to the states entering their chains: row t of chain c's first segment reads
+    state_in[c]^T readout_t. readout [1, L, H, K] (zero outside the first segments), state_in [C, H, K, V] ->
+    [1, L, H, V] fp32. One masked product per chain (C is small and fixed by the shapes: no host sync)."""
+    L = readout.shape[1]
+    segment = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(L, device=readout.device), right=True)
+    share = None
+    for c in range(first_segments.shape[0]):
+        rows = (segment == first_segments[c]).float()[:, None, None]  # [L, 1, 1]
+        part = torch.einsum("lhk,hkv->lhv", readout[0].float() * rows, state_in[c])
+        share = part if share is None else share + part
+    return share[None]
