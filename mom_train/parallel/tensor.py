@@ -25,6 +25,7 @@ nothing themselves; the embedding's gather and the routing's gather are megatron
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -157,8 +158,10 @@ def _no_init(weight: torch.Tensor) -> None:
     """init_method for megatron's layers: the weights are copied from the full model afterwards."""
 
 
-def column_linear(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
-    """A ColumnParallelLinear holding this rank's output rows of `linear` (same values)."""
+@functools.cache
+def _layer_classes() -> tuple[type, type]:
+    """(ColumnLinear, RowLinear): megatron-core's parallel linears with our call signature, defined on first
+    use so that importing this module does not import megatron-core."""
     layers = _megatron("tensor_parallel.layers")
 
     class ColumnLinear(layers.ColumnParallelLinear):
@@ -169,18 +172,6 @@ def column_linear(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
             out, _ = super().forward(x.reshape(-1, x.shape[-1]))
             return out.view(*x.shape[:-1], out.shape[-1])
 
-    layer = ColumnLinear(linear.in_features, linear.out_features, config=_model_parallel_config(dims, False),
-                         init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True,
-                         disable_grad_reduce=True, tp_group=dims.tp_group)
-    _copy_shard(layer.weight, linear.weight, TPShard(0), dims)
-    return layer
-
-
-def row_linear(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
-    """A RowParallelLinear holding this rank's input columns of `linear`: its output is reduce-scattered to
-    sequence shards (sequence parallelism) or all-reduced."""
-    layers = _megatron("tensor_parallel.layers")
-
     class RowLinear(layers.RowParallelLinear):
         """x [(1,) L, in / tp] -> [(1,) L / tp or L, out]: this rank's heads' share, summed over tp."""
 
@@ -188,9 +179,25 @@ def row_linear(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
             out, _ = super().forward(x.reshape(-1, x.shape[-1]))
             return out.view(*x.shape[:-2], -1, out.shape[-1])
 
-    layer = RowLinear(linear.in_features, linear.out_features,
-                      config=_model_parallel_config(dims, dims.sequence_parallel), init_method=_no_init, bias=False,
-                      input_is_parallel=True, skip_bias_add=True, tp_group=dims.tp_group)
+    return ColumnLinear, RowLinear
+
+
+def column_linear(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
+    """A ColumnParallelLinear holding this rank's output rows of `linear` (same values)."""
+    column, _ = _layer_classes()
+    layer = column(linear.in_features, linear.out_features, config=_model_parallel_config(dims, False),
+                   init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True,
+                   disable_grad_reduce=True, tp_group=dims.tp_group)
+    _copy_shard(layer.weight, linear.weight, TPShard(0), dims)
+    return layer
+
+
+def row_linear(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
+    """A RowParallelLinear holding this rank's input columns of `linear`: its output is reduce-scattered to
+    sequence shards (sequence parallelism) or all-reduced."""
+    _, row = _layer_classes()
+    layer = row(linear.in_features, linear.out_features, config=_model_parallel_config(dims, dims.sequence_parallel),
+                init_method=_no_init, bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=dims.tp_group)
     _copy_shard(layer.weight, linear.weight, TPShard(1), dims)
     return layer
 
