@@ -26,7 +26,7 @@ setup(
         "parallel": ["deepspeed"],
         "plot": ["matplotlib"],
         "full": ["triton", "pyarrow", "deepspeed", "matplotlib"],
-        "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib", "deepspeed"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},
 )
