@@ -14,8 +14,6 @@ setup(
         "mistral-common",
         "zstandard",
         "tqdm",
-        "datasets",
-        "wandb",
     ],
     extras_require={
         # triton ships with CUDA builds of torch; CPU installs add it for the interpreter tests
@@ -23,7 +21,10 @@ setup(
         "parquet": ["pyarrow"],
         "parallel": ["megatron-core", "deepspeed"],
         "plot": ["matplotlib"],
-        "full": ["triton", "pyarrow", "megatron-core", "deepspeed", "matplotlib"],
+        # streaming SlimPajama from the hub (without data.path) and logging.wandb: imported only when used
+        "hub": ["datasets"],
+        "wandb": ["wandb"],
+        "full": ["triton", "pyarrow", "megatron-core", "deepspeed", "matplotlib", "datasets", "wandb"],
         "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},

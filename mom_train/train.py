@@ -16,24 +16,27 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from mom_train.checkpoint import (PreemptionHandler, check_compatible, load_main, load_rank, resume_path,
-                                  rng_state, save_checkpoint, set_rng_state)
+from mom_train.checkpoint import PreemptionHandler, find_resume, rng_state, save_checkpoint, set_rng_state
 from mom_train.config import Config
 from mom_train.data import IGNORE_INDEX, Batch, build_loader
 from mom_train.distributed import ParallelContext, init_distributed, teardown
-from mom_train.eval import evaluate
-from mom_train.metrics import MetricsLogger, Window, peak_flops
+from mom_train.errors import TrainingFault
+from mom_train.eval import check_eval_data, evaluate
+from mom_train.faults import FAULTS, Rescue, fetch_batches
+from mom_train.metrics import MetricsLogger, Window, peak_flops, run_header
 from mom_train.model import build_model, flops_per_token
 from mom_train.optim import Engine
 from mom_train.parallel.context import ContextParallel, shard_batch
+from mom_train.rundir import hold_run_dir
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingFault):
     """Raised with training.nan_policy=stop after the last good state was saved."""
 
 
@@ -72,16 +75,26 @@ def micro_batch_inputs(batch: Batch, ctx: ParallelContext) -> tuple[torch.Tensor
     return (*to_device((input_ids, targets, cu_seqlens), ctx.device), context)
 
 
+def main_print(ctx: ParallelContext) -> Callable[[str], None]:
+    """print on rank 0 only: notes before the progress bar exists."""
+    return lambda text: print(text, flush=True) if ctx.is_main else None
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; return the last logged and evaluated metrics.
 
     Returns normally after the last step and after a preemption signal (checkpoint saved; result has
-    "preempted": True). Raises NonFiniteError with training.nan_policy=stop.
+    "preempted": True). Raises NonFiniteError with training.nan_policy=stop, and a TrainingFault (after saving
+    the last good state where it can, see faults.py) when the data, the disk or another I/O fails.
     """
     ctx = init_distributed(cfg)
+    rescue = Rescue(ctx, cfg.run.path)
     try:
-        with PreemptionHandler() as preempt:
-            result = _train(cfg, ctx, preempt)
+        with PreemptionHandler() as preempt, hold_run_dir(cfg.run.path, ctx, main_print(ctx)):
+            try:
+                result = _train(cfg, ctx, preempt, rescue)
+            except FAULTS as e:
+                raise rescue.fault(e) from e
     except BaseException:
         teardown(ctx, clean=False)
         raise
@@ -89,10 +102,13 @@ def train(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dict[str, Any]:
+def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler, rescue: Rescue) -> dict[str, Any]:
     t, run_dir = cfg.training, cfg.run.path
+    # everything that can refuse the run is checked before anything is written into the run dir
+    resume = find_resume(cfg, ctx, main_print(ctx))
+    if cfg.eval.interval > 0:
+        check_eval_data(cfg, ctx)
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.dump(run_dir / "config.yaml")
 
     # model: identical init on every rank, then a per-rank RNG stream
@@ -105,30 +121,33 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
     tokens_per_step = grad_accum * ctx.dp_size * t.micro_batch_size * t.seq_len
 
     step, tokens, num_skipped = 0, 0, 0
-    resume = resume_path(cfg)
     if resume is not None:
-        check_compatible(resume, cfg, ctx)
-        state = load_main(resume, "train_state")
-        engine.load_state_dict({"model": load_main(resume, "model", ctx.device),
-                                "optimizer": load_main(resume, "optimizer", ctx.device),
+        state = resume.train_state
+        engine.load_state_dict({"model": resume.model, "optimizer": resume.optimizer,
                                 "schedule": state["schedule"]})
-        own = load_rank(resume, ctx.dp_rank, ctx.cp_rank)
-        loader.load_state_dict(own["data"])
-        set_rng_state(own["rng"])
+        loader.load_state_dict(resume.rank["data"])
+        set_rng_state(resume.rank["rng"])
         step, tokens, num_skipped = state["step"], state["tokens"], state["skipped_steps"]
 
+    main_print(ctx)(run_header(cfg, ctx, model))
     logger = MetricsLogger(cfg, ctx, step)
+    rescue.closers += [logger.close, loader.close]
     if resume is not None:
-        logger.message(f"resumed from {resume} at step {step}")
+        logger.message(f"resumed from {resume.path} at step {step}")
+        del resume
 
     def save(at_step: int, data_state: dict, rng: dict) -> None:
         engine_state = engine.state_dict()
         main = {"model": engine_state["model"], "optimizer": engine_state["optimizer"],
                 "train_state": {"step": at_step, "tokens": tokens, "skipped_steps": num_skipped,
                                 "schedule": engine_state["schedule"], "dp_size": ctx.dp_size}}
+        rescue.saving = True
         path = save_checkpoint(run_dir, at_step, main, {"data": data_state, "rng": rng}, cfg, ctx,
                                cfg.checkpoint.keep)
+        rescue.saving = False
         logger.message(f"saved checkpoint {path}")
+
+    rescue.save = save
 
     window = Window(ctx.device)
     flops = flops_per_token(cfg.model, t.seq_len)
@@ -141,9 +160,10 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
 
     model.train()
     while step < t.steps:
-        # the state before this step, kept to save "the last good state" if this step turns out non-finite
-        before = (loader.state_dict(), rng_state()) if t.nan_policy == "stop" else None
-        batches = [next(loader) for _ in range(grad_accum)]
+        # the state before this step, kept to save "the last good state" if this step fails or is non-finite
+        before = (loader.state_dict(), rng_state())
+        rescue.mark(step, lambda before=before: before)
+        batches = fetch_batches(loader, grad_accum)
         stats = batches[-1].stats
         # the ranks of a context-parallel group hold the same micro-batches: count each group once
         global_valid = ctx.sum_int(sum(count_valid_targets(b) for b in batches)) // ctx.cp_size
@@ -169,6 +189,7 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
         step += 1
         tokens += tokens_per_step
         logger.advance(step)
+        rescue.mark(step, lambda: (loader.state_dict(), rng_state()))
 
         if t.nan_policy == "stop" and nonfinite.item():
             # parameters and optimizer moments were left untouched: they are the state after step - 1
@@ -200,16 +221,19 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
             last_log, last_log_tokens, paused = now, tokens, 0.0
 
         pause_start = time.perf_counter()
+        # saved before evaluating, so a failing evaluation cannot lose the step
+        if saving:
+            save(step, loader.state_dict(), rng_state())
+            logger.pause("checkpoint", time.perf_counter() - pause_start)
         do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == t.steps)
         if do_eval and not stopping:
+            eval_start = time.perf_counter()
             scores = evaluate(model, cfg, ctx)
             model.train()
             logger.log({"step": step, **scores})
             logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
             result.update(scores)
-
-        if saving:
-            save(step, loader.state_dict(), rng_state())
+            logger.pause("eval", time.perf_counter() - eval_start)
         paused += time.perf_counter() - pause_start
         if stopping:
             logger.message(f"preempted (signal {preempt.signum}): saved step {step}, exiting")
@@ -218,8 +242,12 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler) -> dic
 
     result["step"] = step
     final = {k: result[k] for k in ("loss", "eval_loss", "eval_ppl", "eval_recall") if k in result}
-    logger.message(f"finished at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
-                                                            if v is not None))
+    if not final and not result["preempted"]:
+        logger.message(f"the run had already finished: step {step} of training.steps = {t.steps}; raise "
+                       "training.steps to train further, or use a new run.name")
+    else:
+        logger.message(f"finished at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
+                                                                if v is not None))
     logger.close()
     loader.close()
     return result

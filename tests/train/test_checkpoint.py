@@ -11,6 +11,7 @@ import torch
 
 import mom_train.checkpoint as ckpt
 from mom_train.distributed import ParallelContext
+from mom_train.errors import CheckpointError
 from tests.train.conftest import mqar_config
 
 
@@ -60,7 +61,7 @@ def test_keep_last_k_and_resume_paths(tmp_path):
     assert ckpt.resolve_checkpoint(run_dir).name == "step_0000004"
     assert ckpt.resolve_checkpoint(run_dir / "checkpoints" / "step_0000003").name == "step_0000003"
     assert ckpt.resume_path(cfg) is None
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
         ckpt.resolve_checkpoint(tmp_path / "nowhere")
 
 
