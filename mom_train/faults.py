@@ -65,6 +65,8 @@ class Rescue:
                     pass
 
     def _outcome(self, e: BaseException, cause: str) -> UserError:
+        if self.saving:
+            cause = f"writing checkpoint step {self.step} failed: {cause}"
         if self.step is None or self.step == self.first_step:
             # this process trained no step: nothing new to save, a failure to fix before rerunning
             return e if isinstance(e, UserError) else TrainingFault(f"{cause}; fix that and rerun", resumable=False)

@@ -292,10 +292,10 @@ class MetricsLogger:
             if written != len(line):
                 # a short write without an error: the next one reports the cause (e.g. ENOSPC)
                 os.write(self.fd, line[written:])
-        except OSError:
+        except OSError as e:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, size)
-            raise
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def _report_skips(self, stats: dict[str, Any]) -> None:
         """A console line whenever the data stream skipped more records or files since the last record."""
