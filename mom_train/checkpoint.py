@@ -357,6 +357,8 @@ def open_checkpoint(checkpoint: str | os.PathLike, overrides: list[str] | tuple[
     and generation. Given a run directory, a checkpoint that cannot be loaded is skipped for the next newest,
     with a note."""
     def open_one(path: Path) -> tuple[Path, Config, nn.Module]:
+        # a damaged config.yaml is the checkpoint's fault (CheckpointError), a bad override the user's
+        _saved_config(path)
         cfg = checkpoint_config(path, overrides)
         return path, cfg, load_model(path, cfg, resolve_device(cfg))
 
