@@ -99,9 +99,13 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert "inline_container" not in message.split("(")[0]
     assert latest_checkpoint(run_dir).name == "step_0000002"
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))
+    # a record cut mid-line, as a crash during a write leaves it
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 4.8')
     # with room again, the run resumes from step 2 as if nothing happened
     out = run(*mqar_args(tmp_path, "training.steps=6", "checkpoint.interval=2"))
     assert out.returncode == 0, out.stderr
+    assert "dropped 1 cut or unreadable line(s) and 2 record(s) of steps after 2" in out.stdout, out.stdout
     _assert_resumed_run(run_dir, _straight(tmp_path / "straight", 6))
     plot_run(run_dir)
 
