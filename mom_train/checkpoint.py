@@ -12,8 +12,13 @@ Layout under the run dir (`cfg.run.path`):
 
 A checkpoint is written into `checkpoints/.tmp_step_0000100`, every file fsynced, the directory fsynced, then
 renamed into place; only after that is `latest.tmp` written, fsynced and renamed over `latest`. A crash at
-any point leaves the previous checkpoint and pointer intact. `PreemptionHandler` turns SIGTERM/SIGINT into a
-flag that the loop checks once per step.
+any point leaves the previous checkpoint and pointer intact. A torch.save cut short (a full disk) is raised
+as an OSError naming the file.
+
+Reading verifies: `find_resume` reads every file a rank needs and checks the config against the run before
+anything is written; a checkpoint that cannot be read (or an unusable `latest`) is skipped for the next
+newest with a note, and every rank resumes from the same one. `PreemptionHandler` turns SIGTERM/SIGINT into
+a flag that the loop checks once per step.
 """
 from __future__ import annotations
 
@@ -194,9 +199,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint); raises with a fix otherwise."""
-    found = resolve_candidates(path)
-    return found[0]
+    """A checkpoint directory, or a run directory (its latest checkpoint); CheckpointError with a fix otherwise."""
+    return resolve_candidates(path)[0]
 
 
 def resolve_candidates(path: str | os.PathLike) -> list[Path]:
@@ -211,12 +215,6 @@ def resolve_candidates(path: str | os.PathLike) -> list[Path]:
     what = "has no checkpoint yet (train first, or" if p.is_dir() else "does not exist (check the path, or"
     raise CheckpointError(f"{p} {what} give a checkpoints/step_XXXXXXX directory with train_state.pt, or a run "
                           "directory that has one)")
-
-
-def resume_path(cfg: Config) -> Path | None:
-    """checkpoint.resume: auto (latest of this run, if any), none, or an explicit checkpoint/run path."""
-    found = resume_candidates(cfg)
-    return found[0] if found else None
 
 
 def resume_candidates(cfg: Config) -> list[Path]:

@@ -80,8 +80,8 @@ class Rescue:
         if saved is None:
             found = candidate_checkpoints(self.run_dir)
             if not found:
-                return TrainingFault(f"training stopped after step {self.step}: {cause}. No checkpoint was saved "
+                return TrainingFault(f"after step {self.step}: {cause}. No checkpoint was saved "
                                      "yet; fix that and rerun to start again", resumable=False)
             saved = f"the last good checkpoint is {found[0]}"
-        return TrainingFault(f"training stopped after step {self.step}: {cause}.\n  {saved}; rerun the same "
+        return TrainingFault(f"after step {self.step}: {cause}.\n  {saved}; rerun the same "
                              "command to resume from it once that is fixed")

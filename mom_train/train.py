@@ -141,6 +141,7 @@ def _train(cfg: Config, ctx: ParallelContext, preempt: PreemptionHandler, rescue
         main = {"model": engine_state["model"], "optimizer": engine_state["optimizer"],
                 "train_state": {"step": at_step, "tokens": tokens, "skipped_steps": num_skipped,
                                 "schedule": engine_state["schedule"], "dp_size": ctx.dp_size}}
+        # left set when the save fails: a fault while saving is not retried
         rescue.saving = True
         path = save_checkpoint(run_dir, at_step, main, {"data": data_state, "rng": rng}, cfg, ctx,
                                cfg.checkpoint.keep)

@@ -60,7 +60,7 @@ def test_keep_last_k_and_resume_paths(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_0000003", "step_0000004"]
     assert ckpt.resolve_checkpoint(run_dir).name == "step_0000004"
     assert ckpt.resolve_checkpoint(run_dir / "checkpoints" / "step_0000003").name == "step_0000003"
-    assert ckpt.resume_path(cfg) is None
+    assert ckpt.resume_candidates(cfg) == []
     with pytest.raises(CheckpointError, match="nowhere does not exist"):
         ckpt.resolve_checkpoint(tmp_path / "nowhere")
 
