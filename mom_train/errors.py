@@ -65,30 +65,27 @@ def _free_space(path: str | os.PathLike | None) -> str:
     return f"{free} bytes free there"
 
 
-def describe_os_error(e: OSError, doing: str = "") -> str:
-    """One line naming what failed (`doing`, e.g. "writing checkpoint step 100"), the cause and the fix."""
+def describe_os_error(e: OSError) -> str:
+    """One line naming the cause (with the path) and the fix."""
     path = e.filename or ""
     where = f" {path}" if path else ""
-    head = f"{doing}: " if doing else ""
     code = e.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = _free_space(path)
-        return (f"{head}disk full writing{where}{f' ({free})' if free else ''}; free space, or set run.dir to a "
-                "disk with room")
+        return f"disk full writing{where}{f' ({free})' if free else ''}; free space, or set run.dir to a disk with room"
     if code == errno.EFBIG:
-        return (f"{head}file size limit reached writing{where} (see `ulimit -f`); raise the limit or free space, "
-                "then rerun")
+        return f"file size limit reached writing{where} (see `ulimit -f`); raise the limit or free space, then rerun"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"{head}permission denied on{where} (read-only or owned by someone else); make it writable or "
-                "set run.dir to a writable directory")
+        return (f"permission denied on{where} (read-only or owned by someone else); make it writable or set run.dir "
+                "to a writable directory")
     if code == errno.ENOENT:
-        return f"{head}no such file or directory:{where}; check the path"
+        return f"no such file or directory:{where}; check the path"
     if code in (errno.ENOTDIR, errno.EEXIST):
-        return f"{head}{path or 'a path'} is in the way (a file where a directory is needed); move it or choose another path"
+        return f"{path or 'a path'} is in the way (a file where a directory is needed); move it or choose another path"
     if code == errno.EISDIR:
-        return f"{head}{path} is a directory where a file is expected; check the path"
+        return f"{path} is a directory where a file is expected; check the path"
     reason = e.strerror or str(e)
-    return f"{head}{reason}{f' ({path})' if path else ''}; check the disk or file system, then rerun"
+    return f"{reason}{f' ({path})' if path else ''}; check the disk or file system, then rerun"
 
 
 def write_error(e: RuntimeError, path: Path) -> OSError:
