@@ -26,7 +26,7 @@ def test_quickstart_config_is_the_real_task():
     assert (q.num_pairs, q.num_queries, len(values)) == (8, 8, 64)
 
 
-def test_quickstart(tmp_path):
+def test_quickstart(tmp_path, capsys):
     cfg = load_config(QUICKSTART, [f"run.dir={tmp_path}", "logging.progress_bar=false"], world_size=1)
     # the suite runs one thread per test; the quickstart is meant for the whole (2-core) machine
     threads = torch.get_num_threads()
@@ -37,7 +37,10 @@ def test_quickstart(tmp_path):
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    print(f"quickstart: recall {out['eval_recall']:.3f} (chance 1/64) after {out['step']} steps, {seconds:.0f} s wall")
+    # shown in the test log even when output is captured
+    with capsys.disabled():
+        print(f"\nquickstart: recall {out['eval_recall']:.3f} (chance 1/64) after {out['step']} steps, "
+              f"{seconds:.0f} s wall")
     assert out["step"] == cfg.training.steps
     assert out["eval_recall"] >= 0.9
 
