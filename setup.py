@@ -14,8 +14,6 @@ setup(
         "mistral-common",
         "zstandard",
         "tqdm",
-        "datasets",
-        "wandb",
         # the rank layout of multi-process runs and tensor parallelism's layers and mappings
         "megatron-core",
     ],
@@ -25,7 +23,10 @@ setup(
         "parquet": ["pyarrow"],
         "parallel": ["deepspeed"],
         "plot": ["matplotlib"],
-        "full": ["triton", "pyarrow", "deepspeed", "matplotlib"],
+        # streaming SlimPajama from the hub (without data.path) and logging.wandb: imported only when used
+        "hub": ["datasets"],
+        "wandb": ["wandb"],
+        "full": ["triton", "pyarrow", "deepspeed", "matplotlib", "datasets", "wandb"],
         "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib", "deepspeed"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},

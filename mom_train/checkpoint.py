@@ -13,8 +13,13 @@ Layout under the run dir (`cfg.run.path`):
 
 A checkpoint is written into `checkpoints/.tmp_step_0000100`, every file fsynced, the directory fsynced, then
 renamed into place; only after that is `latest.tmp` written, fsynced and renamed over `latest`. A crash at
-any point leaves the previous checkpoint and pointer intact. `PreemptionHandler` turns SIGTERM/SIGINT into a
-flag that the loop checks once per step.
+any point leaves the previous checkpoint and pointer intact. A torch.save cut short (a full disk) is raised
+as an OSError naming the file.
+
+Reading verifies: `find_resume` reads every file a rank needs and checks the config against the run before
+anything is written; a checkpoint that cannot be read (or an unusable `latest`) is skipped for the next
+newest with a note, and every rank resumes from the same one. `PreemptionHandler` turns SIGTERM/SIGINT into
+a flag that the loop checks once per step.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,8 @@ import torch
 from torch import nn
 
 from mom_train.config import Config, ConfigError, load_config, to_yaml
-from mom_train.parallel.dims import ParallelDims
+from mom_train.errors import CheckpointError, write_error
+from mom_train.parallel.dims import ParallelDims, resolve_device
 from mom_train.model import build_model
 
 CHECKPOINT_DIR = "checkpoints"
@@ -82,9 +89,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write(path: Path, obj: Any) -> None:
-    """torch.save + flush + fsync."""
+    """torch.save + flush + fsync; a write cut short (full disk) raises OSError."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            raise write_error(e, path) from None
         f.flush()
         os.fsync(f.fileno())
 
@@ -166,53 +176,86 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
 # --------------------------------------------------------------------------------------------------- read
 
 
+def _pointed(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, if the pointer is readable and names a step directory of this run."""
+    try:
+        name = (run_dir / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    target = run_dir / name
+    if not name or not _STEP_RE.match(target.name) or target.parent != run_dir / CHECKPOINT_DIR:
+        return None
+    return target if target.is_dir() else None
+
+
+def candidate_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's checkpoints in order of preference: the one `latest` names, then the others newest first."""
+    pointed = _pointed(run_dir)
+    rest = [p for p in reversed(list_checkpoints(run_dir)) if p != pointed]
+    return ([pointed] if pointed is not None else []) + rest
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint `latest` names, else the newest complete one, else None."""
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        target = run_dir / pointer.read_text().strip()
-        if target.is_dir():
-            return target
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    found = candidate_checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint); raises with a fix otherwise."""
+    """A checkpoint directory, or a run directory (its latest checkpoint); CheckpointError with a fix otherwise."""
+    return resolve_candidates(path)[0]
+
+
+def resolve_candidates(path: str | os.PathLike) -> list[Path]:
+    """[the checkpoint dir] for a checkpoint dir, a run dir's checkpoints in order of preference, or
+    CheckpointError naming what was expected."""
     p = Path(path)
     if (p / "train_state.pt").is_file():
-        return p
-    if p.is_dir():
-        found = latest_checkpoint(p)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"no checkpoint at {p}: expected a checkpoints/step_XXXXXXX directory (with "
-                            "train_state.pt) or a run directory with a `latest` pointer")
+        return [p]
+    found = candidate_checkpoints(p) if p.is_dir() else []
+    if found:
+        return found
+    what = "has no checkpoint yet (train first, or" if p.is_dir() else "does not exist (check the path, or"
+    raise CheckpointError(f"{p} {what} give a checkpoints/step_XXXXXXX directory with train_state.pt, or a run "
+                          "directory that has one)")
 
 
-def resume_path(cfg: Config) -> Path | None:
-    """checkpoint.resume: auto (latest of this run, if any), none, or an explicit checkpoint/run path."""
+def resume_candidates(cfg: Config) -> list[Path]:
+    """The checkpoints checkpoint.resume allows, in order of preference: for auto this run's (newest first;
+    none for a fresh run), for none nothing, else the one named (ConfigError if there is none)."""
     mode = cfg.checkpoint.resume
     if mode == "none":
-        return None
+        return []
     if mode == "auto":
-        return latest_checkpoint(cfg.run.path)
+        return candidate_checkpoints(cfg.run.path)
     try:
-        return resolve_checkpoint(mode)
-    except FileNotFoundError as e:
+        return resolve_candidates(mode)[:1]
+    except CheckpointError as e:
         raise ConfigError(f"`checkpoint.resume` = {mode!r}: {e}; or use auto / none") from None
 
 
 def checkpoint_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The resolved config stored in a checkpoint, with optional overrides, for use in one process (its
     tensor/context-parallel sizes reset to 1: they split the work, not the model, whose checkpoint is whole)."""
-    return load_config(path / "config.yaml", ["parallel.tp=1", "parallel.cp=1", *overrides], world_size=1)
+    file = path / "config.yaml"
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    return load_config(file, ["parallel.tp=1", "parallel.cp=1", *overrides], world_size=1)
+
+
+def _saved_config(path: Path) -> Config:
+    """The checkpoint's own config; CheckpointError when it cannot be read (a broken checkpoint)."""
+    try:
+        return checkpoint_config(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.yaml'} is unreadable ({e})") from None
 
 
 def check_compatible(path: Path, cfg: Config, dims: ParallelDims) -> None:
     """Refuse to resume when the model config or the data- or context-parallel size changed; name what
-    changed. The tensor-parallel size may change (the checkpoint holds the whole model and optimizer)."""
-    saved = checkpoint_config(path)
+    changed. The tensor-parallel size, the ZeRO stage and the engine may change (the checkpoint holds the whole
+    model and optimizer)."""
+    saved = _saved_config(path)
     old, new = dataclasses.asdict(saved.model), dataclasses.asdict(cfg.model)
     changed = [f"model.{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -221,6 +264,8 @@ def check_compatible(path: Path, cfg: Config, dims: ParallelDims) -> None:
                           "Restore those values, or start fresh with checkpoint.resume=none / a new run.name")
     num_ranks = len(list(path.glob("rank_[0-9][0-9][0-9][0-9][0-9].pt")))
     num_cp = 1 + len(list(path.glob("rank_00000_cp*.pt")))
+    if num_ranks == 0:
+        raise CheckpointError(f"{path} has no rank_XXXXX.pt file; the checkpoint is incomplete")
     if (num_ranks, num_cp) != (dims.dp_size, dims.cp_size):
         raise ConfigError(f"cannot resume from {path}: it was written by {num_ranks} data-parallel rank(s) x "
                           f"{num_cp} context-parallel rank(s), this run has dp_size={dims.dp_size} x "
@@ -229,20 +274,104 @@ def check_compatible(path: Path, cfg: Config, dims: ParallelDims) -> None:
                           "fresh with checkpoint.resume=none")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load(file: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load of one checkpoint file; CheckpointError naming the file and why it cannot be read."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means a damaged file
+        raise CheckpointError(f"{file} is unreadable, truncated or corrupt ({_first_line(e)})") from None
+
+
 def load_main(path: Path, stem: str, map_location: str | torch.device = "cpu") -> Any:
     """One rank-0 file of a checkpoint (model, optimizer, train_state)."""
-    return torch.load(path / f"{stem}.pt", map_location=map_location, weights_only=False)
+    return _load(path / f"{stem}.pt", map_location)
 
 
 def load_rank(path: Path, dp_rank: int, cp_rank: int = 0) -> dict[str, Any]:
-    return torch.load(path / rank_file(dp_rank, cp_rank), map_location="cpu", weights_only=False)
+    return _load(path / rank_file(dp_rank, cp_rank))
+
+
+@dataclasses.dataclass
+class ResumeState:
+    """Everything a rank resumes from, read and checked: the rank-0 files and this rank's data/RNG file."""
+    path: Path
+    model: dict[str, Any]
+    optimizer: Any
+    train_state: dict[str, Any]
+    rank: dict[str, Any]
+
+
+def load_resume_state(path: Path, cfg: Config, dims: ParallelDims) -> ResumeState:
+    """Read and verify one checkpoint for this rank. ConfigError when the run changed (model, ranks);
+    CheckpointError when a file is missing or cannot be read."""
+    check_compatible(path, cfg, dims)
+    train_state = load_main(path, "train_state")
+    if not isinstance(train_state, dict) or "step" not in train_state:
+        raise CheckpointError(f"{path / 'train_state.pt'} holds no train state; the checkpoint is corrupt")
+    return ResumeState(path, load_main(path, "model"), load_main(path, "optimizer"),
+                       train_state, load_rank(path, dims.dp_rank, dims.cp_rank))
+
+
+def find_resume(cfg: Config, dims: ParallelDims, note: Callable[[str], None]) -> ResumeState | None:
+    """The newest checkpoint checkpoint.resume allows that every rank can load (None: start fresh). A broken
+    one is skipped with a note naming it and why; ConfigError when the run no longer fits its checkpoints,
+    CheckpointError when none of them can be loaded."""
+    candidates = resume_candidates(cfg)
+    skipped = []
+    for path in candidates:
+        error: CheckpointError | None = None
+        try:
+            state = load_resume_state(path, cfg, dims)
+        except CheckpointError as e:
+            error = e
+        # every rank resumes from the same checkpoint: one that fails anywhere is skipped everywhere
+        if not dims.max_int(int(error is not None)):
+            return state
+        reason = str(error) if error is not None else "unreadable on another rank"
+        skipped.append(f"{path.name}: {reason}")
+        note(f"note: skipped checkpoint {path}: {reason}")
+    if not candidates:
+        return None
+    raise CheckpointError(f"no checkpoint of {cfg.run.path} can be loaded ({'; '.join(skipped)}). Restore the "
+                          "files, or start fresh with checkpoint.resume=none or a new run.name")
 
 
 def load_model(path: Path, cfg: Config, device: torch.device) -> nn.Module:
     """The checkpoint's model (built from cfg.model), on `device`, in eval mode."""
     model = build_model(cfg.model)
-    model.load_state_dict(load_main(path, "model"))
+    try:
+        model.load_state_dict(load_main(path, "model"))
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights in {path} do not fit the model config ({_first_line(e)}); leave the "
+                              "model.* keys as the checkpoint has them") from None
     return model.to(device).eval()
+
+
+def open_checkpoint(checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                    note: Callable[[str], None] = print) -> tuple[Path, Config, nn.Module]:
+    """(checkpoint dir, its config with `overrides`, its model in eval mode on the config's device) for eval
+    and generation. Given a run directory, a checkpoint that cannot be loaded is skipped for the next newest,
+    with a note."""
+    def open_one(path: Path) -> tuple[Path, Config, nn.Module]:
+        # a damaged config.yaml is the checkpoint's fault (CheckpointError), a bad override the user's
+        _saved_config(path)
+        cfg = checkpoint_config(path, overrides)
+        return path, cfg, load_model(path, cfg, resolve_device(cfg))
+
+    *earlier, last = resolve_candidates(checkpoint)
+    for path in earlier:
+        try:
+            return open_one(path)
+        except CheckpointError as e:
+            note(f"note: skipped checkpoint {path}: {e}")
+    return open_one(last)
 
 
 # ----------------------------------------------------------------------------------------------- signals

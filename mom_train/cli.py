@@ -6,14 +6,20 @@
     mom-train plot RUN_DIR
 
 Heavy modules (torch models, data, wandb) are imported inside the subcommands so `--help` stays fast.
+`main` is the one error boundary: an expected failure (config, input, checkpoint, data, disk, permissions)
+ends with one or two lines naming the problem and the fix and exit code 2 (3 for a fault during training
+after the last good state was saved); a traceback is printed only with `--debug`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 
+from mom_train import __version__
 from mom_train.config import Config, ConfigError, load_config, to_yaml
+from mom_train.errors import UserError, describe_os_error
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -46,19 +52,18 @@ def describe_model(cfg: Config) -> str:
 
 def describe_layout(cfg: Config, world_size: int) -> str:
     """The rank layout (dp x cp x tp) and what one rank holds of the model."""
+    import torch
+
     from mom_train.model import build_model, count_parameters
     from mom_train.parallel.dims import check_layout
-
-    import torch
+    from mom_train.parallel.memory import describe_memory
+    from mom_train.parallel.tensor import local_parameter_count
 
     p = cfg.parallel
     check_layout(cfg, world_size)
     dp = world_size // (p.tp * p.cp)
     lines = [f"layout: {world_size} rank(s) = dp {dp} x cp {p.cp} x tp {p.tp}"
              + (" (sequence parallel)" if p.tp > 1 and p.sequence_parallel else "")]
-    from mom_train.parallel.memory import describe_memory
-    from mom_train.parallel.tensor import local_parameter_count
-
     total = count_parameters(cfg.model)["total"]
     local = total
     if p.tp > 1:
@@ -74,6 +79,20 @@ def describe_layout(cfg: Config, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def dry_run_warnings(cfg: Config) -> list[str]:
+    """What would stop the real run on this machine, though the config itself is valid."""
+    import torch
+
+    warnings = []
+    on_cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    if cfg.training.cuda_graphs and on_cpu:
+        warnings.append("`training.cuda_graphs` = true needs a CUDA device and this machine has none, so the run "
+                        "would stop; set training.cuda_graphs=false to train here")
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        warnings.append("`run.device` = 'cuda' but CUDA is not available here; use run.device=auto or cpu")
+    return warnings
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
@@ -87,14 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.grad_accum_steps(dp)} micro-batch(es) of {cfg.training.micro_batch_size} per data-parallel "
               f"rank, dp={dp}")
         print(f"run dir: {cfg.run.path}")
+        for warning in dry_run_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
-    from mom_train.train import NonFiniteError, train
+    from mom_train.train import train
 
-    try:
-        train(cfg)
-    except NonFiniteError as e:
-        print(f"mom-train: stopped: {e}", file=sys.stderr)
-        return 3
+    train(cfg)
     return 0
 
 
@@ -131,20 +148,27 @@ def _world_size() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mom-train", description="Pretrain Mixture-of-Memories language models.")
+    parser.add_argument("--version", action="version", version=f"mom-train {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of any failure")
+    # --debug is accepted after the subcommand too; the subparsers' default must not reset the main one
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of any failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = lambda *a, **k: sub.add_parser(*a, parents=[debug], **k)  # noqa: E731
 
-    p = sub.add_parser("train", help="train a model from a YAML config (torchrun for several GPUs)")
+    p = add_parser("train", help="train a model from a YAML config (torchrun for several GPUs)")
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print it with the model size and FLOPs per token, and exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="held-out loss/perplexity (text) or recall accuracy (MQAR) of a checkpoint")
+    p = add_parser("eval", help="held-out loss/perplexity (text) or recall accuracy (MQAR) of a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or run dir (its latest)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.num_batches=50")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
+    p = add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or run dir (its latest)")
     p.add_argument("--prompt", required=True, help="text (MQAR checkpoints: space-separated token ids)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -155,10 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.device=cpu")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("plot", help="write loss/lr/throughput curves (PNG) of a run from its metrics.jsonl")
+    p = add_parser("plot", help="write loss/lr/throughput curves (PNG) of a run from its metrics.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_plot)
     return parser
+
+
+def report(e: BaseException) -> int:
+    """Print `e` as the one or two lines a user sees (stderr) and return the exit code."""
+    if isinstance(e, ConfigError):
+        label, message, code = "config error", str(e), 2
+    elif isinstance(e, UserError):
+        label, message, code = e.label, str(e), e.exit_code
+    elif isinstance(e, OSError):
+        label, message, code = "error", describe_os_error(e), 2
+    else:
+        # not an expected failure: a bug, or a case the checks above do not know yet
+        label, message, code = "internal error", f"{type(e).__name__}: {e}", 1
+        message += "\n  rerun with --debug for the traceback, and report it with the command you ran"
+    print(f"mom-train: {label}: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ConfigError as e:
-        print(f"mom-train: config error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - the error boundary: every failure ends here
+        if args.debug:
+            traceback.print_exc()
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -255,8 +255,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return data
     base_path = (path.parent / str(base)).resolve()
-    if base_path in chain:
-        raise ConfigError(f"config inheritance loops: {' -> '.join(map(str, chain + (base_path,)))}")
+    if base_path in chain + (path.resolve(),):
+        loop = chain + (path.resolve(), base_path)
+        raise ConfigError(f"config inheritance loops: {' -> '.join(map(str, loop))}; remove one of these `base:` "
+                          "lines")
     return _deep_merge(_read_yaml(base_path, chain + (path.resolve(),)), data)
 
 
@@ -418,6 +420,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Check ranges and cross-field constraints; raise ConfigError naming the field and the remedy."""
     for section in dataclasses.fields(cfg):
         _check_ranges(getattr(cfg, section.name), section.name)
+    name = cfg.run.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"`run.name` = {name!r} must name one directory under run.dir (not empty, no '/'); "
+                          "e.g. run.name=try2")
     m, t, p = cfg.model, cfg.training, cfg.parallel
     if m.topk > m.num_memories:
         raise ConfigError(f"`model.topk` = {m.topk} exceeds `model.num_memories` = {m.num_memories}; "

@@ -17,26 +17,29 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from mom_train.checkpoint import (PreemptionHandler, check_compatible, load_main, load_rank, resume_path,
-                                  rng_state, save_checkpoint, set_rng_state)
+from mom_train.checkpoint import PreemptionHandler, find_resume, rng_state, save_checkpoint, set_rng_state
 from mom_train.config import Config
 from mom_train.data import IGNORE_INDEX, Batch, build_loader
 from mom_train.engine import build_engine
-from mom_train.eval import evaluate
+from mom_train.errors import TrainingFault
+from mom_train.eval import check_eval_data, evaluate
+from mom_train.faults import FAULTS, Rescue, fetch_batches
 from mom_train.kernels.cp import ContextParallel
-from mom_train.metrics import MetricsLogger, Window, peak_flops
+from mom_train.metrics import MetricsLogger, Window, peak_flops, run_header
 from mom_train.model import build_model, flops_per_token
 from mom_train.parallel.context import shard_batch
 from mom_train.parallel.dims import ParallelDims, init_parallel, teardown
 from mom_train.parallel.parallelize import parallelize
+from mom_train.rundir import hold_run_dir
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingFault):
     """Raised with training.nan_policy=stop after the last good state was saved."""
 
 
@@ -75,16 +78,26 @@ def micro_batch_inputs(batch: Batch, dims: ParallelDims) -> tuple[torch.Tensor, 
     return (*to_device((input_ids, targets, cu_seqlens), dims.device), context)
 
 
+def main_print(dims: ParallelDims) -> Callable[[str], None]:
+    """print on rank 0 only: notes before the progress bar exists."""
+    return lambda text: print(text, flush=True) if dims.is_main else None
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; return the last logged and evaluated metrics.
 
     Returns normally after the last step and after a preemption signal (checkpoint saved; result has
-    "preempted": True). Raises NonFiniteError with training.nan_policy=stop.
+    "preempted": True). Raises NonFiniteError with training.nan_policy=stop, and a TrainingFault (after saving
+    the last good state where it can, see faults.py) when the data, the disk or another I/O fails.
     """
     dims = init_parallel(cfg)
+    rescue = Rescue(dims, cfg.run.path)
     try:
-        with PreemptionHandler() as preempt:
-            result = _train(cfg, dims, preempt)
+        with PreemptionHandler() as preempt, hold_run_dir(cfg.run.path, dims, main_print(dims)):
+            try:
+                result = _train(cfg, dims, preempt, rescue)
+            except FAULTS as e:
+                raise rescue.fault(e) from e
     except BaseException:
         teardown(dims, clean=False)
         raise
@@ -92,10 +105,13 @@ def train(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[str, Any]:
+def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler, rescue: Rescue) -> dict[str, Any]:
     t, run_dir = cfg.training, cfg.run.path
+    # everything that can refuse the run is checked before anything is written into the run dir
+    resume = find_resume(cfg, dims, main_print(dims))
+    if cfg.eval.interval > 0:
+        check_eval_data(cfg, dims)
     if dims.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.dump(run_dir / "config.yaml")
 
     # model: identical init on every rank (tensor parallelism keeps each rank's shard of it), then one RNG
@@ -103,27 +119,27 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
     grad_accum = cfg.grad_accum_steps(dims.dp_size)
     seed_everything(cfg.run.seed)
     engine = build_engine(parallelize(build_model(cfg.model), dims, cfg), cfg, dims, grad_accum,
-                          log=print if dims.is_main else lambda message: None)
+                          log=main_print(dims))
     model = engine.module
     seed_everything(cfg.run.seed + dims.grad_rank)
     loader = build_loader(cfg, dims.dp_rank, dims.dp_size, split="train")
     tokens_per_step = grad_accum * dims.dp_size * t.micro_batch_size * t.seq_len
 
     step, tokens, num_skipped = 0, 0, 0
-    resume = resume_path(cfg)
     if resume is not None:
-        check_compatible(resume, cfg, dims)
-        state = load_main(resume, "train_state")
-        engine.load_state_dict({"model": load_main(resume, "model"), "optimizer": load_main(resume, "optimizer"),
+        state = resume.train_state
+        engine.load_state_dict({"model": resume.model, "optimizer": resume.optimizer,
                                 "schedule": state["schedule"]})
-        own = load_rank(resume, dims.dp_rank, dims.cp_rank)
-        loader.load_state_dict(own["data"])
-        set_rng_state(own["rng"])
+        loader.load_state_dict(resume.rank["data"])
+        set_rng_state(resume.rank["rng"])
         step, tokens, num_skipped = state["step"], state["tokens"], state["skipped_steps"]
 
+    main_print(dims)(run_header(cfg, dims, model))
     logger = MetricsLogger(cfg, dims, step)
+    rescue.closers += [logger.close, loader.close]
     if resume is not None:
-        logger.message(f"resumed from {resume} at step {step}")
+        logger.message(f"resumed from {resume.path} at step {step}")
+        del resume
 
     def save(at_step: int, data_state: dict, rng: dict) -> None:
         engine_state = engine.state_dict()
@@ -131,9 +147,14 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
                 "train_state": {"step": at_step, "tokens": tokens, "skipped_steps": num_skipped,
                                 "schedule": engine_state["schedule"], "dp_size": dims.dp_size,
                                 "layout": dims.describe()}}
+        # left set when the save fails: a fault while saving is not retried
+        rescue.saving = True
         path = save_checkpoint(run_dir, at_step, main, {"data": data_state, "rng": rng}, cfg, dims,
                                cfg.checkpoint.keep)
+        rescue.saving = False
         logger.message(f"saved checkpoint {path}")
+
+    rescue.save = save
 
     window = Window(dims.device)
     flops = flops_per_token(cfg.model, t.seq_len)
@@ -146,9 +167,10 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
 
     model.train()
     while step < t.steps:
-        # the state before this step, kept to save "the last good state" if this step turns out non-finite
-        before = (loader.state_dict(), rng_state()) if t.nan_policy == "stop" else None
-        batches = [next(loader) for _ in range(grad_accum)]
+        # the state before this step, kept to save "the last good state" if this step fails or is non-finite
+        before = (loader.state_dict(), rng_state())
+        rescue.mark(step, lambda before=before: before)
+        batches = fetch_batches(loader, grad_accum)
         stats = batches[-1].stats
         # the cp and tp ranks of a data-parallel replica hold the same micro-batches: count each replica once
         global_valid = dims.sum_int(sum(count_valid_targets(b) for b in batches)) // (dims.cp_size * dims.tp_size)
@@ -175,6 +197,7 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
         step += 1
         tokens += tokens_per_step
         logger.advance(step)
+        rescue.mark(step, lambda: (loader.state_dict(), rng_state()))
 
         if t.nan_policy == "stop" and nonfinite.item():
             # parameters and optimizer moments were left untouched: they are the state after step - 1
@@ -206,17 +229,20 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
             last_log, last_log_tokens, paused = now, tokens, 0.0
 
         pause_start = time.perf_counter()
+        # saved before evaluating, so a failing evaluation cannot lose the step
+        if saving:
+            save(step, loader.state_dict(), rng_state())
+            logger.pause("checkpoint", time.perf_counter() - pause_start)
         do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == t.steps)
         if do_eval and not stopping:
+            eval_start = time.perf_counter()
             with engine.evaluation():
                 scores = evaluate(model, cfg, dims)
             model.train()
             logger.log({"step": step, **scores})
             logger.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
             result.update(scores)
-
-        if saving:
-            save(step, loader.state_dict(), rng_state())
+            logger.pause("eval", time.perf_counter() - eval_start)
         paused += time.perf_counter() - pause_start
         if stopping:
             logger.message(f"preempted (signal {preempt.signum}): saved step {step}, exiting")
@@ -225,8 +251,12 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
 
     result["step"] = step
     final = {k: result[k] for k in ("loss", "eval_loss", "eval_ppl", "eval_recall") if k in result}
-    logger.message(f"finished at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
-                                                            if v is not None))
+    if not final and not result["preempted"]:
+        logger.message(f"the run had already finished: step {step} of training.steps = {t.steps}; raise "
+                       "training.steps to train further, or use a new run.name")
+    else:
+        logger.message(f"finished at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
+                                                                if v is not None))
     logger.close()
     loader.close()
     return result

@@ -48,9 +48,22 @@ def test_inheritance_deep_merges(tmp_path, base_file):
 
 def test_inheritance_loop_is_an_error(tmp_path):
     write(tmp_path / "a.yaml", "base: b.yaml\n")
-    write(tmp_path / "b.yaml", "base: a.yaml\n")
-    with pytest.raises(ConfigError, match="loops"):
+    write(tmp_path / "b.yaml", "base: c.yaml\n")
+    write(tmp_path / "c.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops") as e:
         load_config(tmp_path / "a.yaml")
+    # every file of the cycle, in order
+    names = [part.strip().rsplit("/", 1)[-1] for part in str(e.value).split(":", 1)[1].split(";")[0].split("->")]
+    assert names == ["a.yaml", "b.yaml", "c.yaml", "a.yaml"]
+    write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError, match="self.yaml -> .*self.yaml"):
+        load_config(tmp_path / "self.yaml")
+
+
+@pytest.mark.parametrize("name", ["", " ", "a/b", "..", "."])
+def test_run_name_must_be_one_directory(base_file, name):
+    with pytest.raises(ConfigError, match="`run.name`"):
+        load_config(base_file, [f"run.name={name}"])
 
 
 def test_overrides_parse_to_field_types(base_file):

@@ -8,9 +8,12 @@ Text pipeline of one data-parallel rank (deterministic for a given seed, dp size
 
 A chunk carries the worker's cursor (epoch, unit, record) right after its last record, so a snapshot taken
 with a batch holds exactly what was consumed: worker cursors, shuffle buffer, shuffle RNG, packer leftovers
-and cumulative stats. `state_dict()` returns the snapshot of the last batch returned by `__next__`; after
-`load_state_dict` the workers reopen their files at the cursors and the stream continues with the exact next
-token. MQAR batches are pure functions of (seed, split, batch index, rank), so their state is a counter.
+and cumulative stats. `state_dict()` returns the snapshot of the last batch returned by `__next__`, with each
+document of the shuffle buffer and the packer named by its source (worker, epoch, unit, record, token
+offset) instead of its tokens, so the state stays small however long the documents are; after
+`load_state_dict` those documents are read and tokenized again, the workers reopen their files at the
+cursors and the stream continues with the exact next token. MQAR batches are pure functions of (seed, split,
+batch index, rank), so their state is a counter.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from mom_train.config import Config, ConfigError
+from mom_train.errors import DataError
 from mom_train.data.mqar import check_mqar, generate_mqar
 from mom_train.data.packing import Batch, Packer
 from mom_train.data.sources import STAT_KEYS, RecordReader, resolve_files, shard_units
@@ -115,8 +119,10 @@ class MQARLoader:
 
 @dataclass
 class _Chunk:
-    """Tokenized documents of one worker and its cursor (epoch, unit, record) right after them."""
+    """Tokenized documents of one worker, where each came from (epoch, unit, record), and the worker's cursor
+    (epoch, unit, record) right after them."""
     docs: list[torch.Tensor]
+    sources: list[tuple[int, int, int]]
     cursor: tuple[int, int, int]
     stats: Counter
     # set at an epoch end: True when that whole epoch had no valid document
@@ -142,31 +148,33 @@ def _shard_chunks(spec: _ShardSpec, cursor: tuple[int, int, int], tokenize: Call
     epoch, first_unit, first_record = cursor
     from_start = first_unit == 0 and first_record == 0
 
-    def emit(texts: list[str], at: tuple[int, int, int], **kw) -> _Chunk:
+    def emit(texts: list[str], sources: list[tuple[int, int, int]], at: tuple[int, int, int], **kw) -> _Chunk:
         docs = tokenize(texts)
         stats["documents"] += len(docs)
         stats["tokens"] += sum(d.numel() for d in docs)
         delta = stats.copy()
         stats.clear()
-        return _Chunk(docs, at, delta, **kw)
+        return _Chunk(docs, sources, at, delta, **kw)
 
     while spec.max_epochs is None or epoch < spec.max_epochs:
         units = shard_units(spec.files, spec.shard, spec.num_shards, epoch, spec.seed)
         texts: list[str] = []
+        sources: list[tuple[int, int, int]] = []
         num_docs = 0
         for u in range(first_unit, len(units)):
             for text, next_record in reader.read(units[u], first_record if u == first_unit else 0):
                 if text is None:
                     continue
                 texts.append(text)
+                sources.append((epoch, u, next_record - 1))
                 num_docs += 1
                 if len(texts) == CHUNK_DOCS:
-                    yield emit(texts, (epoch, u, next_record))
-                    texts = []
+                    yield emit(texts, sources, (epoch, u, next_record))
+                    texts, sources = [], []
         epoch, first_unit, first_record = epoch + 1, 0, 0
-        yield emit(texts, (epoch, 0, 0), empty_epoch=from_start and num_docs == 0)
+        yield emit(texts, sources, (epoch, 0, 0), empty_epoch=from_start and num_docs == 0)
         from_start = True
-    yield emit([], (epoch, 0, 0), finished=True)
+    yield emit([], [], (epoch, 0, 0), finished=True)
 
 
 class _Worker:
@@ -256,7 +264,7 @@ class TextLoader:
             "kind": "text", "dp_rank": dp_rank, "dp_size": dp_size, "num_workers": self.num_workers,
             "cursors": [(0, 0, 0)] * self.num_workers, "next_worker": 0,
             "finished": [False] * self.num_workers, "empty": [False] * self.num_workers,
-            "buffer": [], "rng": rng.bit_generator.state, "packer": {"pending": []}, "stats": {}, "batches": 0,
+            "buffer": [], "rng": rng.bit_generator.state, "packer": {"sources": []}, "stats": {}, "batches": 0,
         }
         self._running = False
         self._exhausted = False
@@ -284,12 +292,13 @@ class TextLoader:
         return batch
 
     def state_dict(self) -> dict:
-        """Position right after the last batch returned by __next__ (tensors cloned; save with torch.save)."""
+        """Position right after the last batch returned by __next__, documents named by their sources (see
+        the module docstring): a few numbers per buffered document, no tokens."""
         sd = dict(self._state)
         sd["cursors"] = list(sd["cursors"])
-        sd["buffer"] = [t.clone() for t in sd["buffer"]]
-        sd["packer"] = {"pending": [(t.clone(), None if lab is None else lab.clone())
-                                    for t, lab in sd["packer"]["pending"]]}
+        if "pending" in sd["packer"]:
+            sd["buffer"] = [source for _, source in sd["buffer"]]
+            sd["packer"] = {"sources": [source for _, _, source in sd["packer"]["pending"]]}
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -330,11 +339,18 @@ class TextLoader:
         self._next_worker = st["next_worker"]
         self._finished = list(st["finished"])
         self._empty = list(st["empty"])
-        self._buffer = list(st["buffer"])
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = st["rng"]
         self._packer = Packer(self.num_tokens)
-        self._packer.load_state_dict(st["packer"])
+        if "pending" in st["packer"]:
+            self._buffer = list(st["buffer"])
+            self._packer.load_state_dict(st["packer"])
+        else:
+            # a saved state: read the documents it names again
+            buffered, pending = st["buffer"], st["packer"]["sources"]
+            docs = self._read_sources(buffered + pending)
+            self._buffer = list(zip(docs[:len(buffered)], buffered))
+            self._packer.load_state_dict({"pending": [(d, None, s) for d, s in zip(docs[len(buffered):], pending)]})
         self._stats = Counter(st["stats"])
         self._batches = st["batches"]
         self._workers = []
@@ -368,7 +384,7 @@ class TextLoader:
         else:
             # every worker finished its epochs: drain the shuffle buffer, then pad the leftover
             while self._buffer:
-                self._packer.add(self._buffer.pop(int(self._rng.integers(len(self._buffer)))))
+                self._packer.add(*self._take(self._buffer.pop(int(self._rng.integers(len(self._buffer))))))
             out = self._packer.pop() if self._packer.ready() else self._packer.flush()
             if out is None:
                 return _END
@@ -399,19 +415,50 @@ class TextLoader:
             raise ConfigError(f"no valid documents for data-parallel rank {self.dp_rank} in a whole epoch of "
                               f"{where}; skipped so far: {dict(self._stats)}. Check the data, data.text_field and "
                               "data.subset_weights, or use fewer data-parallel ranks / data.num_workers")
-        for doc in chunk.docs:
-            self._shuffle_in(doc)
+        for doc, (epoch, unit, record) in zip(chunk.docs, chunk.sources):
+            self._shuffle_in((doc, (w, epoch, unit, record, 0)))
         return True
 
-    def _shuffle_in(self, doc: torch.Tensor) -> None:
+    def _shuffle_in(self, doc: tuple[torch.Tensor, tuple]) -> None:
+        """doc: (tokens, source (worker, epoch, unit, record, token offset))."""
         if self.shuffle_buffer == 0:
-            self._packer.add(doc)
+            self._packer.add(*self._take(doc))
         elif len(self._buffer) < self.shuffle_buffer:
             self._buffer.append(doc)
         else:
             i = int(self._rng.integers(self.shuffle_buffer))
-            self._packer.add(self._buffer[i])
+            self._packer.add(*self._take(self._buffer[i]))
             self._buffer[i] = doc
+
+    @staticmethod
+    def _take(doc: tuple[torch.Tensor, tuple]) -> tuple[torch.Tensor, None, tuple]:
+        """A buffered (tokens, source) as the packer's (tokens, labels, source)."""
+        return doc[0], None, doc[1]
+
+    def _read_sources(self, sources: list[tuple]) -> list[torch.Tensor]:
+        """The tokens of the documents named by `sources` (worker, epoch, unit, record, token offset), read
+        from their files again (each file once, up to its last needed record) and tokenized."""
+        wanted: dict[tuple[int, int, int], set[int]] = {}
+        for w, epoch, unit, record, _ in sources:
+            wanted.setdefault((w, epoch, unit), set()).add(record)
+        reader = RecordReader(stats=Counter(), seed=self.seed, **self.reader_args)
+        texts: dict[tuple[int, int, int, int], str] = {}
+        for (w, epoch, u), records in wanted.items():
+            shard = self.dp_rank * self.num_workers + w
+            unit = shard_units(self.files, shard, self.dp_size * self.num_workers, epoch, self.seed)[u]
+            left = set(records)
+            for text, next_record in reader.read(unit, min(records)):
+                if next_record - 1 in left and text is not None:
+                    texts[(w, epoch, u, next_record - 1)] = text
+                    left.discard(next_record - 1)
+                if not left:
+                    break
+            if left:
+                raise DataError(f"resuming the data stream needs record {min(left)} of {unit.path}, which is no "
+                                "longer there: the data changed since the checkpoint. Restore it, or start fresh "
+                                "with checkpoint.resume=none")
+        docs = self._tokenize([texts[source[:4]] for source in sources])
+        return [doc[source[4]:] for doc, source in zip(docs, sources)]
 
     def _snapshot(self) -> dict:
         return {

@@ -29,6 +29,13 @@ def key_value_ranges(vocab_size: int) -> tuple[range, range]:
     return range(NUM_SPECIAL, NUM_SPECIAL + num_keys), range(NUM_SPECIAL + num_keys, vocab_size)
 
 
+def describe_task(cfg: MQARConfig) -> str:
+    """The task and its chance level: a guess of a value symbol is right 1/num_values of the time."""
+    _, values = key_value_ranges(cfg.vocab_size)
+    return (f"MQAR, {cfg.num_pairs} key-value pairs then {cfg.num_queries} queries per sequence, values from "
+            f"{len(values)} symbols: chance recall 1/{len(values)} = {1 / len(values):.3f}")
+
+
 def check_mqar(cfg: MQARConfig, seq_len: int) -> None:
     """Raise ConfigError when the task does not fit seq_len or the vocabulary."""
     needed = 1 + 2 * cfg.num_pairs + 2 * cfg.num_queries

@@ -33,19 +33,21 @@ class Batch:
 class Packer:
     """Accumulates documents and cuts batches of exactly `num_tokens` tokens.
 
-    A document is (tokens int [L], labels int [L] or None = same as tokens). `pending` holds at most the
-    documents not yet emitted plus the unemitted tail of a cut one; it is the packer's whole state.
+    A document is (tokens int [L], labels int [L] or None = same as tokens, source or None). `pending` holds at
+    most the documents not yet emitted plus the unemitted tail of a cut one; it is the packer's whole state.
+    A source is a tuple naming where the document came from, its last element the offset of `tokens` in it;
+    a cut tail's source has the offset moved past the emitted tokens, so a saved state can name it compactly.
     """
 
     def __init__(self, num_tokens: int):
         self.num_tokens = num_tokens
-        self.pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor | None, tuple | None]] = []
         self.num_pending = 0
 
-    def add(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def add(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, source: tuple | None = None) -> None:
         if tokens.numel() == 0:
             return
-        self.pending.append((tokens, labels))
+        self.pending.append((tokens, labels, source))
         self.num_pending += tokens.numel()
 
     def ready(self) -> bool:
@@ -57,7 +59,7 @@ class Packer:
         ids, labs, lengths = [], [], []
         room = self.num_tokens
         while room:
-            tokens, labels = self.pending[0]
+            tokens, labels, source = self.pending[0]
             take = min(room, tokens.numel())
             ids.append(tokens[:take])
             labs.append((tokens if labels is None else labels)[:take])
@@ -67,7 +69,8 @@ class Packer:
                 self.pending.pop(0)
             else:
                 # the tail continues as a new segment of the next batch
-                self.pending[0] = (tokens[take:], None if labels is None else labels[take:])
+                self.pending[0] = (tokens[take:], None if labels is None else labels[take:],
+                                   None if source is None else (*source[:-1], source[-1] + take))
         self.num_pending -= self.num_tokens
         return self._assemble(ids, labs, lengths)
 
@@ -75,8 +78,8 @@ class Packer:
         """The leftover as a last batch padded to T with token 0 / label -100 (its own segment); None if empty."""
         if not self.pending:
             return None
-        ids = [t for t, _ in self.pending]
-        labs = [t if lab is None else lab for t, lab in self.pending]
+        ids = [t for t, _, _ in self.pending]
+        labs = [t if lab is None else lab for t, lab, _ in self.pending]
         lengths = [t.numel() for t in ids]
         pad = self.num_tokens - self.num_pending
         if pad:
@@ -95,12 +98,12 @@ class Packer:
         return input_ids, labels, cu_seqlens
 
     def state_dict(self) -> dict:
-        return {"pending": [(t.clone(), None if lab is None else lab.clone()) for t, lab in self.pending]}
+        return {"pending": [(t.clone(), None if lab is None else lab.clone(), src) for t, lab, src in self.pending]}
 
     def snapshot(self) -> dict:
         """Like state_dict but shares the (never mutated) pending tensors; cheap enough for every batch."""
         return {"pending": list(self.pending)}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.pending = [(t, lab) for t, lab in sd["pending"]]
-        self.num_pending = sum(t.numel() for t, _ in self.pending)
+        self.pending = [tuple(entry) if len(entry) == 3 else (*entry, None) for entry in sd["pending"]]
+        self.num_pending = sum(t.numel() for t, _, _ in self.pending)

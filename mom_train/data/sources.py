@@ -28,6 +28,8 @@ import glob
 import hashlib
 import json
 import os
+import socket
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from mom_train.config import ConfigError, DataConfig
+from mom_train.errors import DataError
 
 # counters every text Batch.stats carries (cumulative; "documents"/"tokens" count what was read and tokenized)
 STAT_KEYS = ("documents", "tokens", "skipped_bad_json", "skipped_empty", "skipped_bad_utf8", "truncated_files",
@@ -94,8 +97,10 @@ def _require(pattern: str, name: str, suffixes: tuple[str, ...], sub: str | None
     if path.is_dir():
         root = path / sub if sub else path
         if not root.is_dir():
+            fix = ("; for evaluation set data.eval_path to held-out files, or eval.interval=0 to train without "
+                   "evaluating") if sub == "validation" else ""
             raise ConfigError(f"`{name}` = {pattern!r} has no `{sub}/` folder ({root} is missing); expected the "
-                              f"SlimPajama layout {sub}/chunkN/*.jsonl.zst")
+                              f"SlimPajama layout {sub}/chunkN/*.jsonl.zst{fix}")
         files = _files_under(root, suffixes)
         if not files:
             raise ConfigError(f"no {'/'.join(suffixes)} files under {root} (from `{name}` = {pattern!r})")
@@ -122,6 +127,19 @@ def shard_units(files: list[str] | None, shard: int, num_shards: int, epoch: int
     f = shard % num_files
     sharers = len(range(f, num_shards, num_files))
     return [Unit(order[f], os.path.relpath(order[f], root), sharers, shard // num_files)]
+
+
+def hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """None when the hub (HF_ENDPOINT, by default huggingface.co) accepts a connection, else why not; checked
+    before `datasets` retries for half a minute."""
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
 
 
 def keep_probability_hash(seed: int, key: str, index: int) -> float:
@@ -259,6 +277,11 @@ class RecordReader:
         except ImportError:
             raise ConfigError("`data.source` = 'slimpajama' with `data.path` unset streams from the hub and needs "
                               "`datasets` (pip install datasets), or set data.path to a local mirror") from None
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise DataError(f"`data.source` = 'slimpajama' without `data.path` streams {HUB_DATASET} from the "
+                            f"Hugging Face hub, which cannot be reached ({unreachable}); without network access "
+                            "set data.path to a local mirror (train/chunkN/*.jsonl.zst)")
         split = "train" if self.hub_split == "train" else "validation"
         stream = datasets.load_dataset(HUB_DATASET, split=split, streaming=True)
         # every shard reads the stream and keeps its strided records (the hub has no cheaper random access)

@@ -1,5 +1,5 @@
 """Evaluation: held-out loss/perplexity (text), MQAR recall accuracy, and text generation from checkpoints."""
-from mom_train.eval.evaluate import EVAL_SEED_OFFSET, evaluate, run_eval
+from mom_train.eval.evaluate import EVAL_SEED_OFFSET, check_eval_data, evaluate, run_eval
 from mom_train.eval.generate import generate_from_checkpoint
 
-__all__ = ["EVAL_SEED_OFFSET", "evaluate", "generate_from_checkpoint", "run_eval"]
+__all__ = ["EVAL_SEED_OFFSET", "check_eval_data", "evaluate", "generate_from_checkpoint", "run_eval"]

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 from torch import nn
 
-from mom_train.checkpoint import checkpoint_config, load_model, resolve_checkpoint
+from mom_train.checkpoint import open_checkpoint
 from mom_train.config import Config
 from mom_train.data import build_loader, recall_accuracy
-from mom_train.parallel.dims import ParallelDims, resolve_device
+from mom_train.parallel.dims import ParallelDims
 from mom_train.precision import autocast_context
 
 # added to run.seed for the held-out MQAR stream
@@ -27,6 +28,12 @@ def build_eval_loader(cfg: Config, dims: ParallelDims):
     if cfg.data.source == "mqar":
         return build_loader(cfg, dims.dp_rank, dims.dp_size, split="eval", seed_offset=EVAL_SEED_OFFSET)
     return build_loader(cfg, dims.dp_rank, dims.dp_size, split="eval", max_epochs=1)
+
+
+def check_eval_data(cfg: Config, dims: ParallelDims) -> None:
+    """Open the eval split once, so a training with eval.interval > 0 fails at the start, not at its first
+    evaluation, when the eval data is missing (ConfigError naming data.eval_path)."""
+    build_eval_loader(cfg, dims).close()
 
 
 @torch.no_grad()
@@ -69,12 +76,15 @@ def evaluate(model: nn.Module, cfg: Config, dims: ParallelDims) -> dict[str, flo
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
 
 
+def _note(text: str) -> None:
+    # stdout carries the scores as JSON
+    print(text, file=sys.stderr)
+
+
 def run_eval(checkpoint: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
     """Evaluate a checkpoint (a step directory or a run directory) in this process; overrides apply to the
     checkpoint's config (e.g. eval.num_batches=50, data.eval_path=...)."""
-    path = resolve_checkpoint(checkpoint)
-    cfg = checkpoint_config(path, overrides)
-    dims = ParallelDims(device=resolve_device(cfg))
-    model = load_model(path, cfg, dims.device)
+    path, cfg, model = open_checkpoint(checkpoint, overrides, note=_note)
+    dims = ParallelDims(device=next(model.parameters()).device)
     scores = evaluate(model, cfg, dims)
     return {"checkpoint": str(path), "step": int(path.name.split("_")[-1]), **scores}

@@ -223,3 +223,19 @@ def test_resume_refuses_another_topology(tmp_path):
         build_loader(_cfg(tmp_path), dp_rank=0, dp_size=2).load_state_dict(sd)
     with pytest.raises(ConfigError, match="data.num_workers"):
         build_loader(_cfg(tmp_path, "data.num_workers=2")).load_state_dict(sd)
+
+
+def test_saved_state_names_documents_instead_of_holding_them(tmp_path):
+    # a few documents of ~20k tokens each: the shuffle buffer and the packer hold most of them at once
+    write_slimpajama(tmp_path, num_docs=6, num_chunks=1, files_per_chunk=2, max_words=8000)
+    cfg = _cfg(tmp_path, "data.shuffle_buffer=4", "training.seq_len=256", "training.micro_batch_size=4")
+    loader = build_loader(cfg)
+    next(loader)
+    buffered = sum(doc.numel() for doc, _ in loader._state["buffer"])
+    state = io.BytesIO()
+    torch.save(loader.state_dict(), state)
+    loader.close()
+    # a few numbers per document, not its tokens (4 bytes each)
+    assert state.tell() < 10_000 < buffered * 4
+    # and the stream still resumes exactly, over a cut document too
+    _assert_resumes(cfg, k=3, n=4)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mom_train.checkpoint as ckpt
+from mom_train.errors import CheckpointError
 from mom_train.parallel.dims import ParallelDims
 from tests.train.conftest import mqar_config
 
@@ -59,8 +60,8 @@ def test_keep_last_k_and_resume_paths(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_0000003", "step_0000004"]
     assert ckpt.resolve_checkpoint(run_dir).name == "step_0000004"
     assert ckpt.resolve_checkpoint(run_dir / "checkpoints" / "step_0000003").name == "step_0000003"
-    assert ckpt.resume_path(cfg) is None
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    assert ckpt.resume_candidates(cfg) == []
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
         ckpt.resolve_checkpoint(tmp_path / "nowhere")
 
 

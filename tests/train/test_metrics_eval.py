@@ -1,8 +1,10 @@
 """metrics.jsonl content, plots, and the eval / generate commands on a trained checkpoint."""
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 import mom_train.train as train_mod
 from mom_train.checkpoint import checkpoint_config, list_checkpoints, load_model
 from mom_train.cli import main
+from mom_train import metrics
 from mom_train.data import IGNORE_INDEX, build_loader
+from mom_train.errors import describe_os_error
 from mom_train.eval.evaluate import EVAL_SEED_OFFSET, evaluate
 from mom_train.parallel.dims import ParallelDims
 from mom_train.metrics import Window, peak_flops
@@ -129,3 +133,55 @@ def test_window_skips_nonfinite_steps():
 
 def test_peak_flops_cpu_is_unknown():
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_eta_excludes_warm_up_and_counts_evaluations(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    eta = metrics.Eta(total=100, eval_interval=20, checkpoint_interval=0)
+    # step 1 pays a 10 s warm-up, then 1 s per step; each evaluation takes 3 s
+    clock[0] = 10.0
+    eta.advance(1)
+    for step in range(2, 22):
+        clock[0] += 1.0
+        eta.advance(step)
+        if step == 3:
+            # no evaluation timed yet: the steps alone
+            assert eta.seconds() == pytest.approx(97.0)
+        if step == 20:
+            clock[0] += 3.0
+            eta.pause("eval", 3.0)
+    # 79 steps and the evaluations at 40, 60, 80, 100
+    assert eta.seconds() == pytest.approx(79.0 + 4 * 3.0)
+
+
+def test_skipped_records_reach_the_console(tmp_path, capsys):
+    logger = metrics.MetricsLogger(mqar_config(tmp_path), ParallelDims(), 0)
+    record = {"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0}
+    logger.log({**record, "data": {"skipped_bad_json": 2, "truncated_files": 1, "documents": 9}})
+    assert "data: skipped so far: 2 bad JSON records, 1 truncated files" in capsys.readouterr().out
+    logger.log({**record, "step": 2, "data": {"skipped_bad_json": 2, "truncated_files": 1, "documents": 12}})
+    assert "skipped" not in capsys.readouterr().out
+    logger.log({**record, "step": 3, "data": {"skipped_bad_json": 3, "truncated_files": 1}})
+    assert "3 bad JSON records" in capsys.readouterr().out
+    logger.close()
+
+
+def test_a_failed_metrics_write_leaves_whole_lines(tmp_path, monkeypatch):
+    logger = metrics.MetricsLogger(mqar_config(tmp_path), ParallelDims(), 0)
+    logger.log({"step": 1, "eval_loss": 1.0})
+    real_write = os.write
+
+    def disk_full(fd, data):
+        # half the record reaches the disk, then the disk is full
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics.os, "write", disk_full)
+    with pytest.raises(OSError) as e:
+        logger.log({"step": 2, "eval_loss": 2.0})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(logger.path)
+    assert "disk full writing" in describe_os_error(e.value)
+    monkeypatch.setattr(metrics.os, "write", real_write)
+    logger.close()
+    assert [json.loads(line)["step"] for line in logger.path.read_text().splitlines()] == [1]
