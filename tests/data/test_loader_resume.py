@@ -19,6 +19,7 @@ import torch
 from mom_train.config import load_config
 from mom_train.data import build_loader
 from mom_train.data.loader import CHUNK_DOCS
+from mom_train.data import sources
 from mom_train.data.sources import HUB_DATASET
 from tests.data.fixtures import doc_text, write_zst_jsonl
 
@@ -79,6 +80,8 @@ def hub_config(root: Path, monkeypatch) -> list[str]:
         return iter(records)
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    # the stand-in hub is always reachable (the real check looks up the hub's host)
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: None)
     return ["data.source=slimpajama"]
 
 
