@@ -25,8 +25,12 @@ setup(
         "parquet": ["pyarrow"],
         "parallel": ["deepspeed"],
         "plot": ["matplotlib"],
+        # Hugging Face export / import (transformers only to load the result; fla for its model classes)
+        "hf": ["safetensors", "tokenizers", "transformers"],
+        "fla": ["flash-linear-attention>=0.6.0"],
         "full": ["triton", "pyarrow", "deepspeed", "matplotlib"],
-        "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib", "safetensors", "tokenizers", "transformers",
+                 "flash-linear-attention==0.6.0"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},
 )

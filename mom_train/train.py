@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mom_train.checkpoint import (PreemptionHandler, check_compatible, load_main, load_rank, resume_path,
-                                  rng_state, save_checkpoint, set_rng_state)
+from mom_train.checkpoint import (PreemptionHandler, check_compatible, is_weights_only, load_main, load_rank,
+                                  resume_path, rng_state, save_checkpoint, set_rng_state)
 from mom_train.config import Config
 from mom_train.data import IGNORE_INDEX, Batch, build_loader
 from mom_train.engine import Engine
@@ -34,6 +34,7 @@ from mom_train.model import build_model, flops_per_token
 from mom_train.parallel.context import shard_batch
 from mom_train.parallel.dims import ParallelDims, init_parallel, teardown
 from mom_train.parallel.parallelize import parallelize
+from mom_train.parallel.reshard import load_model_state
 
 
 class NonFiniteError(RuntimeError):
@@ -110,8 +111,13 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
 
     step, tokens, num_skipped = 0, 0, 0
     resume = resume_path(cfg)
+    weights_only = resume is not None and is_weights_only(resume)
     if resume is not None:
         check_compatible(resume, cfg, dims)
+    if weights_only:
+        # imported weights: optimizer, schedule, data stream and RNG start fresh
+        load_model_state(model, load_main(resume, "model"), dims)
+    elif resume is not None:
         state = load_main(resume, "train_state")
         engine.load_state_dict({"model": load_main(resume, "model"), "optimizer": load_main(resume, "optimizer"),
                                 "schedule": state["schedule"]})
@@ -121,7 +127,11 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler) -> dict[
         step, tokens, num_skipped = state["step"], state["tokens"], state["skipped_steps"]
 
     logger = MetricsLogger(cfg, dims, step)
-    if resume is not None:
+    if weights_only:
+        source = load_main(resume, "train_state").get("source", "elsewhere")
+        logger.message(f"started from the weights in {resume} (imported from {source}) with a fresh optimizer, "
+                       "LR schedule from step 0 and the data stream from its start")
+    elif resume is not None:
         logger.message(f"resumed from {resume} at step {step}")
 
     def save(at_step: int, data_state: dict, rng: dict) -> None:
