@@ -28,9 +28,11 @@ setup(
         # Hugging Face export / import (transformers only to load the result; fla for its model classes)
         "hf": ["safetensors", "tokenizers", "transformers"],
         "fla": ["flash-linear-attention>=0.6.0"],
+        # mom-train lm-eval; accelerate for lm-eval's own `hf` model on an export
+        "eval": ["lm-eval", "accelerate"],
         "full": ["triton", "pyarrow", "deepspeed", "matplotlib"],
         "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib", "safetensors", "tokenizers", "transformers",
-                 "flash-linear-attention==0.6.0"],
+                 "flash-linear-attention==0.6.0", "lm-eval", "accelerate"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},
 )

@@ -6,6 +6,7 @@
     mom-train plot RUN_DIR
     mom-train export --checkpoint RUN_OR_CHECKPOINT_DIR --out HF_DIR [--format fla|llama]
     mom-train import --hf HF_DIR --out RUN_DIR [--config FILE] [section.key=value ...]
+    mom-train lm-eval --checkpoint RUN_OR_CHECKPOINT_DIR --tasks TASK[,TASK...] [--batch-size N] [--limit N]
 
 Heavy modules (torch models, data, wandb) are imported inside the subcommands so `--help` stays fast.
 """
@@ -144,6 +145,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mom_train.eval.lm_eval import run_lm_eval
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    out = run_lm_eval(args.checkpoint, tasks, args.batch_size, args.limit, args.num_fewshot, args.include_path,
+                      args.max_length, args.bootstrap_iters, args.log_samples, args.seed, args.overrides)
+    print(json.dumps({k: out[k] for k in ("checkpoint", "step", "results", "path")}))
+    return 0
+
+
 def _world_size() -> int:
     import os
 
@@ -198,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML whose training/data settings the run takes (the model comes from config.json)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. training.lr=1e-4")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint (our model, our tokenizer)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or run dir (its latest)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--batch-size", type=int, default=8, help="requests packed into one forward")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--include-path", default=None, metavar="DIR", help="directory of extra task YAML files")
+    p.add_argument("--max-length", type=int, default=None, help="longest input (default: training.seq_len)")
+    p.add_argument("--bootstrap-iters", type=int, default=100000, help="for stderr estimates (0: none)")
+    p.add_argument("--log-samples", action="store_true", help="also write every request and response")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.device=cpu")
+    p.set_defaults(func=cmd_lm_eval)
     return parser
 
 
