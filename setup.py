@@ -26,8 +26,15 @@ setup(
         # streaming SlimPajama from the hub (without data.path) and logging.wandb: imported only when used
         "hub": ["datasets"],
         "wandb": ["wandb"],
-        "full": ["triton", "pyarrow", "deepspeed", "matplotlib", "datasets", "wandb"],
-        "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib", "deepspeed"],
+        # Hugging Face export / import (transformers only to load the result; fla for its model classes)
+        "hf": ["safetensors", "tokenizers", "transformers"],
+        "fla": ["flash-linear-attention>=0.6.0"],
+        # mom-train lm-eval; accelerate for lm-eval's own `hf` model on an export
+        "eval": ["lm-eval", "accelerate"],
+        "full": ["triton", "pyarrow", "deepspeed", "matplotlib", "datasets", "wandb", "safetensors", "tokenizers",
+                 "transformers", "lm-eval"],
+        "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib", "deepspeed", "safetensors", "tokenizers",
+                 "transformers", "flash-linear-attention==0.6.0", "lm-eval", "accelerate"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},
 )

@@ -11,6 +11,9 @@ Layout under the run dir (`cfg.run.path`):
                                             (the tp ranks of a group share data and RNG: tp rank 0 writes)
                             config.yaml     the resolved config
 
+A checkpoint may also hold model weights only (`save_weights_only`, e.g. an imported Hugging Face model): step
+0 with model.pt, config.yaml and a train_state marked `weights_only`, no optimizer or rank files.
+
 A checkpoint is written into `checkpoints/.tmp_step_0000100`, every file fsynced, the directory fsynced, then
 renamed into place; only after that is `latest.tmp` written, fsynced and renamed over `latest`. A crash at
 any point leaves the previous checkpoint and pointer intact. A torch.save cut short (a full disk) is raised
@@ -45,6 +48,8 @@ from mom_train.model import build_model
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+# train_state key of a checkpoint that holds model weights only
+WEIGHTS_ONLY = "weights_only"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -156,6 +161,37 @@ def save_checkpoint(run_dir: Path, step: int, main_state: dict[str, Any], rank_s
     return final
 
 
+def save_weights_only(run_dir: Path, model_state: dict[str, torch.Tensor], cfg: Config, source: str) -> Path:
+    """Write checkpoint step 0 of a run holding model weights only (e.g. imported from another framework):
+    model.pt, config.yaml and a train_state marked `weights_only`, which the trainer resumes from with a fresh
+    optimizer, schedule, data stream and RNG. Same atomic layout and `latest` pointer as `save_checkpoint`."""
+    root = run_dir / CHECKPOINT_DIR
+    final = root / step_dir_name(0)
+    tmp = root / f".tmp_{step_dir_name(0)}"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write(tmp / "model.pt", model_state)
+    _write(tmp / "train_state.pt", {"step": 0, "tokens": 0, "skipped_steps": 0, WEIGHTS_ONLY: True,
+                                    "source": source})
+    _write_text(tmp / "config.yaml", to_yaml(cfg))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    pointer = run_dir / LATEST
+    _write_text(pointer.with_name(LATEST + ".tmp"), f"{CHECKPOINT_DIR}/{final.name}\n")
+    os.replace(pointer.with_name(LATEST + ".tmp"), pointer)
+    _fsync_dir(run_dir)
+    return final
+
+
+def is_weights_only(path: Path) -> bool:
+    """Whether a checkpoint holds model weights only (`save_weights_only`): no optimizer, data or RNG state."""
+    return bool(load_main(path, "train_state").get(WEIGHTS_ONLY, False))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = run_dir / CHECKPOINT_DIR
@@ -262,6 +298,9 @@ def check_compatible(path: Path, cfg: Config, dims: ParallelDims) -> None:
     if changed:
         raise ConfigError(f"cannot resume from {path}: the model config changed ({'; '.join(changed)}). "
                           "Restore those values, or start fresh with checkpoint.resume=none / a new run.name")
+    if is_weights_only(path):
+        # no per-rank data or RNG state: any layout starts afresh from it
+        return
     num_ranks = len(list(path.glob("rank_[0-9][0-9][0-9][0-9][0-9].pt")))
     num_cp = 1 + len(list(path.glob("rank_00000_cp*.pt")))
     if num_ranks == 0:
@@ -305,7 +344,9 @@ class ResumeState:
     model: dict[str, Any]
     optimizer: Any
     train_state: dict[str, Any]
-    rank: dict[str, Any]
+    rank: dict[str, Any] | None
+    # model weights only (`save_weights_only`): optimizer, schedule, data stream and RNG start fresh
+    weights_only: bool = False
 
 
 def load_resume_state(path: Path, cfg: Config, dims: ParallelDims) -> ResumeState:
@@ -315,6 +356,8 @@ def load_resume_state(path: Path, cfg: Config, dims: ParallelDims) -> ResumeStat
     train_state = load_main(path, "train_state")
     if not isinstance(train_state, dict) or "step" not in train_state:
         raise CheckpointError(f"{path / 'train_state.pt'} holds no train state; the checkpoint is corrupt")
+    if train_state.get(WEIGHTS_ONLY, False):
+        return ResumeState(path, load_main(path, "model"), None, train_state, None, weights_only=True)
     return ResumeState(path, load_main(path, "model"), load_main(path, "optimizer"),
                        train_state, load_rank(path, dims.dp_rank, dims.cp_rank))
 

@@ -4,6 +4,9 @@
     mom-train eval --checkpoint RUN_OR_CHECKPOINT_DIR [section.key=value ...]
     mom-train generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt "..." [--max-new-tokens N ...]
     mom-train plot RUN_DIR
+    mom-train export --checkpoint RUN_OR_CHECKPOINT_DIR --out HF_DIR [--format fla|llama]
+    mom-train import --hf HF_DIR --out RUN_DIR [--config FILE] [section.key=value ...]
+    mom-train lm-eval --checkpoint RUN_OR_CHECKPOINT_DIR --tasks TASK[,TASK...] [--batch-size N] [--limit N]
 
 Heavy modules (torch models, data, wandb) are imported inside the subcommands so `--help` stays fast.
 `main` is the one error boundary: an expected failure (config, input, checkpoint, data, disk, permissions)
@@ -140,6 +143,40 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mom_train.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.format, args.dtype, not args.no_tokenizer,
+                            args.overrides)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from mom_train.hf import import_hf
+
+    imported = import_hf(args.hf, args.out, args.config, args.overrides)
+    run_dir = imported.config.run.path
+    for note in imported.notes:
+        print(f"note: {note}")
+    print(f"imported {args.hf} into {imported.checkpoint} (weights only: no optimizer, schedule or data state).\n"
+          f"train on: mom-train train --config {run_dir / 'config.yaml'}   (fresh optimizer, LR schedule from "
+          f"step 0)\nevaluate: mom-train eval --checkpoint {run_dir}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mom_train.eval.lm_eval import run_lm_eval
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    out = run_lm_eval(args.checkpoint, tasks, args.batch_size, args.limit, args.num_fewshot, args.include_path,
+                      args.max_length, args.bootstrap_iters, args.log_samples, args.seed, args.overrides)
+    print(json.dumps({k: out[k] for k in ("checkpoint", "step", "results", "path")}))
+    return 0
+
+
 def _world_size() -> int:
     import os
 
@@ -182,6 +219,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("plot", help="write loss/lr/throughput curves (PNG) of a run from its metrics.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory (fla or Llama classes)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or run dir (its latest)")
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write (created if missing)")
+    p.add_argument("--format", choices=["fla", "llama"], default=None,
+                   help="fla: flash-linear-attention's classes (default for mom, gated_deltanet); llama: "
+                        "transformers' LlamaForCausalLM (default for transformer)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the weights")
+    p.add_argument("--no-tokenizer", action="store_true", help="do not write the HF tokenizer files")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the checkpoint's config")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="turn a Hugging Face model directory (fla or Llama) into a run of ours")
+    p.add_argument("--hf", required=True, metavar="HF_DIR", help="directory with config.json and safetensors")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="YAML whose training/data settings the run takes (the model comes from config.json)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. training.lr=1e-4")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint (our model, our tokenizer)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir, or run dir (its latest)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--batch-size", type=int, default=8, help="requests packed into one forward")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--include-path", default=None, metavar="DIR", help="directory of extra task YAML files")
+    p.add_argument("--max-length", type=int, default=None, help="longest input (default: training.seq_len)")
+    p.add_argument("--bootstrap-iters", type=int, default=100000, help="for stderr estimates (0: none)")
+    p.add_argument("--log-samples", action="store_true", help="also write every request and response")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.device=cpu")
+    p.set_defaults(func=cmd_lm_eval)
     return parser
 
 

@@ -148,9 +148,13 @@ class Engine:
         return {"model": full_model_state(self.module, self.dims), "optimizer": optimizer,
                 "schedule": self.schedule.state_dict()}
 
+    def load_model(self, model: dict) -> None:
+        """Load a full (one-process) model state dict, keeping this rank's shards."""
+        load_model_state(self.module, model, self.dims)
+
     def load_state_dict(self, sd: dict) -> None:
         """Load full (consolidated) model and optimizer state, keeping this rank's shards."""
-        load_model_state(self.module, sd["model"], self.dims)
+        self.load_model(sd["model"])
         local = local_optimizer_state(sd["optimizer"], self.params, self.dims)
         if isinstance(self.optimizer, ZeroAdamW):
             self.optimizer.load_full_state_dict(local, self.param_index)
@@ -277,27 +281,35 @@ class DeepSpeedEngine:
         return {"model": model if self.dims.is_main else None, "optimizer": optimizer,
                 "schedule": self.schedule.state_dict()}
 
-    def load_state_dict(self, sd: dict) -> None:
-        from mom_train.parallel.deepspeed import materialize_optimizer_state, set_moment, set_parameter
+    def _local(self, value: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+        """This tp rank's part of a full tensor of parameter p's shape."""
         from mom_train.parallel.tensor import shard_tensor
 
-        def local(value: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-            spec = getattr(p, "tp_shard", None)
-            return value if spec is None else shard_tensor(value, spec, self.dims.tp_rank, self.dims.tp_size)
+        spec = getattr(p, "tp_shard", None)
+        return value if spec is None else shard_tensor(value, spec, self.dims.tp_rank, self.dims.tp_size)
+
+    def load_model(self, model: dict) -> None:
+        """Load a full (one-process) model state dict into the model and DeepSpeed's fp32 master copy."""
+        from mom_train.parallel.deepspeed import set_parameter
 
         named = dict(self.module.named_parameters())
-        missing = sorted(set(named) - set(sd["model"]))
+        missing = sorted(set(named) - set(model))
         if missing:
             raise KeyError(f"the checkpoint's model lacks {missing[:5]}")
         for name, p in named.items():
-            set_parameter(p, local(sd["model"][name], p), self.dims)
+            set_parameter(p, self._local(model[name], p), self.dims)
+
+    def load_state_dict(self, sd: dict) -> None:
+        from mom_train.parallel.deepspeed import materialize_optimizer_state, set_moment
+
+        self.load_model(sd["model"])
         states = sd["optimizer"]["state"]
         if states:
             materialize_optimizer_state(self.ds, next(iter(states.values()))["step"])
             for i, p in enumerate(self.params):
                 if i in states:
                     for key in ("exp_avg", "exp_avg_sq"):
-                        set_moment(p, key, local(states[i][key], p), self.ds)
+                        set_moment(p, key, self._local(states[i][key], p), self.ds)
         self.schedule.load_state_dict(sd["schedule"])
 
 

@@ -126,7 +126,10 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler, rescue: 
     tokens_per_step = grad_accum * dims.dp_size * t.micro_batch_size * t.seq_len
 
     step, tokens, num_skipped = 0, 0, 0
-    if resume is not None:
+    if resume is not None and resume.weights_only:
+        # imported weights: optimizer, schedule, data stream and RNG start fresh
+        engine.load_model(resume.model)
+    elif resume is not None:
         state = resume.train_state
         engine.load_state_dict({"model": resume.model, "optimizer": resume.optimizer,
                                 "schedule": state["schedule"]})
@@ -137,9 +140,13 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler, rescue: 
     main_print(dims)(run_header(cfg, dims, model))
     logger = MetricsLogger(cfg, dims, step)
     rescue.closers += [logger.close, loader.close]
-    if resume is not None:
+    if resume is not None and resume.weights_only:
+        source = resume.train_state.get("source", "elsewhere")
+        logger.message(f"started from the weights in {resume.path} (imported from {source}) with a fresh "
+                       "optimizer, LR schedule from step 0 and the data stream from its start")
+    elif resume is not None:
         logger.message(f"resumed from {resume.path} at step {step}")
-        del resume
+    del resume
 
     def save(at_step: int, data_state: dict, rng: dict) -> None:
         engine_state = engine.state_dict()
