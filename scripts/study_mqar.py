@@ -12,7 +12,8 @@ overrides, its values' overrides and run.seed, exactly what `mom-train train --c
 Each cell trains through `mom_train.train.train` into <out>/runs/<cell>/; the trainer evaluates recall on
 the held-out MQAR stream (`mom_train.eval.evaluate`) at the last step and logs it to the run's
 metrics.jsonl, which is where the results come from. A cell whose final evaluation is logged is finished
-and skipped; an unfinished one resumes from its latest checkpoint (checkpoint.resume=auto).
+and skipped; an unfinished one resumes from its latest checkpoint (checkpoint.resume=auto). A last checkpoint
+whose evaluation was never logged is evaluated by `mom_train.eval.run_eval` instead.
 
 Outputs in <out>: results.csv (one row per finished cell), recall_vs_state.png (recall against the decode
 state of one sequence, in total and the part a token reads and writes; one panel per task) and
@@ -40,6 +41,7 @@ if str(ROOT) not in sys.path:
 
 from mom_train.config import Config, ConfigError, load_config  # noqa: E402
 from mom_train.data.mqar import key_value_ranges  # noqa: E402
+from mom_train.eval import run_eval  # noqa: E402
 from mom_train.model import count_parameters, state_bytes  # noqa: E402
 from mom_train.train import train  # noqa: E402
 
@@ -133,16 +135,31 @@ def cell_config(grid: Grid, cell: Cell, out: Path) -> Config:
 
 
 def final_eval(cfg: Config) -> dict | None:
-    """The evaluation the trainer logged at the run's last step (latest record wins), or None if not there."""
+    """The evaluation the trainer logged at the run's last step (latest record wins), else the one
+    `evaluate_last_checkpoint` kept, or None if neither is there."""
     path = cfg.run.path / "metrics.jsonl"
-    if not path.exists():
-        return None
     found = None
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("step") == cfg.training.steps and "eval_recall" in record:
-            found = record
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("step") == cfg.training.steps and "eval_recall" in record:
+                found = record
+    kept = cfg.run.path / "study_eval.json"
+    if found is None and kept.exists():
+        found = json.loads(kept.read_text())
     return found
+
+
+def evaluate_last_checkpoint(cfg: Config) -> None:
+    """The run's last checkpoint without its logged evaluation (a fault between the two): evaluate that
+    checkpoint (`run_eval`, the trainer's evaluation on the same held-out stream) into <run>/study_eval.json."""
+    checkpoint = cfg.run.path / "checkpoints" / f"step_{cfg.training.steps:07d}"
+    if not checkpoint.is_dir():
+        return
+    scores = run_eval(checkpoint)
+    kept = cfg.run.path / "study_eval.json"
+    kept.write_text(json.dumps({"step": scores["step"], "eval_loss": scores["eval_loss"],
+                                "eval_recall": scores["eval_recall"]}))
 
 
 def check_same_config(cfg: Config, cell: Cell) -> None:
@@ -177,7 +194,11 @@ def run_cell(cfg: Config, cell: Cell, log=print) -> bool:
     timing.parent.mkdir(parents=True, exist_ok=True)
     before = json.loads(timing.read_text())["train_seconds"] if timing.exists() else 0.0
     timing.write_text(json.dumps({"train_seconds": before + seconds}))
-    return not result.get("preempted", False)
+    if result.get("preempted", False):
+        return False
+    if final_eval(cfg) is None:
+        evaluate_last_checkpoint(cfg)
+    return True
 
 
 def last_train_loss(cfg: Config) -> float | None:
