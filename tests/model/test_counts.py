@@ -1,13 +1,14 @@
-"""Parameter counts of the paper's configs (meta device) and the FLOPs formula."""
+"""Parameter counts of the paper's configs (meta device), the FLOPs formula and the decode state size."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from mom_train.config import ModelConfig, load_config
-from mom_train.model import build_model, count_parameters, flops_per_token
+from mom_train.model import build_model, count_parameters, flops_per_token, state_bytes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ARCHS = ["gated_deltanet", "transformer", "mom"]
@@ -71,3 +72,33 @@ def test_flops_formula_by_hand():
     attn = tiny("transformer")
     grow = flops_per_token(attn, 4096) - flops_per_token(attn, 2048)
     assert grow == 3 * 2 * (2 * 2048 * 32)
+
+
+def cache_bytes(cfg: ModelConfig, seq_len: int) -> int:
+    """Bytes of the recurrent states or key/value caches a real fp32 model returns after seq_len tokens."""
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    tensors = [t for layer in cache.layers
+               for t in ((layer.k, layer.v) if cfg.arch == "transformer" else (layer.recurrent,))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"arch": "transformer"}, {"arch": "gated_deltanet"}, {"arch": "gated_deltanet", "expand_v": 3.0},
+    {"arch": "mom"}, {"arch": "mom", "shared_memory": False}, {"arch": "mom", "num_memories": 3, "topk": 1},
+], ids=["transformer", "gdn", "gdn-expand3", "mom-e4k2-shared", "mom-e4k2", "mom-e3k1-shared"])
+def test_state_bytes_match_the_decode_cache(overrides: dict):
+    cfg = tiny(**overrides)
+    assert state_bytes(cfg, 7)["total"] == cache_bytes(cfg, 7)
+    if cfg.arch == "transformer":
+        # the key/value cache grows with the sequence
+        assert state_bytes(cfg, 14)["total"] == 2 * state_bytes(cfg, 7)["total"]
+
+
+def test_mom_active_state_is_topk_memories():
+    # a token reads and writes its topk memories and the shared one: the whole state of a model with only those
+    cfg = tiny("mom", num_memories=4, topk=2)
+    assert state_bytes(cfg, 7)["active"] == cache_bytes(dataclasses.replace(cfg, num_memories=2), 7)
+    assert state_bytes(cfg, 7)["active"] < state_bytes(cfg, 7)["total"]

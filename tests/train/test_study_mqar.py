@@ -1,0 +1,123 @@
+"""scripts/study_mqar.py: the cpu-smoke grid end to end (results from the trainer's evaluation, finished cells
+skipped on a rerun, unfinished ones trained again) and the GPU grid's cells (valid configs, matched states)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mom_train.eval import run_eval
+from mom_train.model import state_bytes
+from tests.train.conftest import ROOT
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("study_mqar", ROOT / "scripts" / "study_mqar.py")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up by name
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load_study()
+
+
+def test_cpu_smoke(tmp_path, study, monkeypatch):
+    out = tmp_path / "study"
+    assert study.main(["--preset", "cpu-smoke", "--out", str(out)]) == 0
+    rows = read_rows(out / "results.csv")
+    grid = study.load_grid(study.STUDIES / "mqar_cpu_smoke.yaml")
+    cells = study.grid_cells(grid)
+    assert [r["cell"] for r in rows] == [c.name for c in cells] == ["mom-s0", "gdn-s0"]
+    assert list(rows[0]) == ["arch", *study.COLUMNS]
+    assert [r["model_arch"] for r in rows] == ["mom", "gated_deltanet"]
+    for row, cell in zip(rows, cells):
+        cfg = study.cell_config(grid, cell, out)
+        # the recall and loss are the trainer's evaluation at the last step: a recount from the final checkpoint
+        recount = run_eval(out / "runs" / row["cell"])
+        assert recount["step"] == int(row["steps"]) == cfg.training.steps
+        assert float(row["eval_recall"]) == recount["eval_recall"]
+        assert float(row["eval_loss"]) == recount["eval_loss"]
+        assert int(row["state_bytes"]) == state_bytes(cfg.model, cfg.training.seq_len)["total"]
+        assert float(row["train_seconds"]) > 0
+    assert (out / "recall_vs_state.png").stat().st_size > 0 and (out / "recall_vs_pairs.png").stat().st_size > 0
+
+    # a rerun trains only the cells whose final evaluation is not logged: drop the second cell's. Its last
+    # checkpoint is there, so the study evaluates that instead, to the same scores
+    trained = []
+
+    def fake_train(cfg):
+        trained.append(cfg.run.name)
+        return {"preempted": False}
+
+    metrics = out / "runs" / "gdn-s0" / "metrics.jsonl"
+    kept = [line for line in metrics.read_text().splitlines() if "eval_recall" not in json.loads(line)]
+    metrics.write_text("".join(line + "\n" for line in kept))
+    monkeypatch.setattr(study, "train", fake_train)
+    assert study.main(["--preset", "cpu-smoke", "--out", str(out)]) == 0
+    assert trained == ["gdn-s0"]
+    again = read_rows(out / "results.csv")
+    assert again[0] == rows[0]
+    assert json.loads((out / "runs" / "gdn-s0" / "study_eval.json").read_text())["step"] == 6
+    assert {k: v for k, v in again[1].items() if k != "train_seconds"} == \
+        {k: v for k, v in rows[1].items() if k != "train_seconds"}
+
+
+def test_shard_trains_every_nth_cell(tmp_path, study, monkeypatch):
+    trained = []
+    monkeypatch.setattr(study, "train", lambda cfg: trained.append(cfg.run.name) or {"preempted": False})
+    assert study.main(["--preset", "cpu-smoke", "--out", str(tmp_path), "--shard", "1/2"]) == 0
+    assert trained == ["gdn-s0"]
+    # a shard leaves the results to --report, which trains nothing
+    assert not (tmp_path / "results.csv").exists()
+    assert study.main(["--preset", "cpu-smoke", "--out", str(tmp_path), "--report"]) == 0
+    assert trained == ["gdn-s0"] and read_rows(tmp_path / "results.csv") == []
+
+
+def test_edited_grid_refuses_a_stale_run(tmp_path, study, monkeypatch):
+    grid = study.load_grid(study.STUDIES / "mqar_cpu_smoke.yaml")
+    cell = study.grid_cells(grid)[0]
+    cfg = study.cell_config(grid, cell, tmp_path)
+    cfg.dump(cfg.run.path / "config.yaml")
+    grid.common.append(f"training.lr={cfg.training.lr * 2}")
+    monkeypatch.setattr(study, "train", lambda cfg: pytest.fail("trained a cell whose run has another config"))
+    with pytest.raises(study.ConfigError, match="training.lr"):
+        study.run_cell(study.cell_config(grid, cell, tmp_path), cell)
+
+
+def test_gpu_grid(study):
+    grid = study.load_grid(study.STUDIES / "mqar.yaml")
+    assert len(grid.seeds) >= 3
+    # seeds change nothing else: one seed's cells cover every config
+    configs = {c.name: study.cell_config(grid, c, Path("runs")) for c in study.grid_cells(grid)
+               if c.seed == grid.seeds[0]}
+    assert len(configs) * len(grid.seeds) == len(study.grid_cells(grid))
+    assert {cfg.model.num_layers for cfg in configs.values()} == {2}
+    assert {cfg.model.hidden_size for cfg in configs.values()} == {64, 128, 256}
+    assert {cfg.data.mqar.num_pairs for cfg in configs.values()} == {16, 32, 64, 128}
+    for cfg in configs.values():
+        # the queries follow the pairs: the shortest of the grid's lengths that holds 1 + 4n tokens
+        n = cfg.data.mqar.num_pairs
+        assert cfg.data.mqar.num_queries == n
+        assert cfg.training.seq_len == min(t for t in (256, 512, 1024) if t >= 1 + 4 * n)
+    for name, cfg in configs.items():
+        if not name.startswith("mom_e4k2_shared-"):
+            continue
+        mom = state_bytes(cfg.model, cfg.training.seq_len)
+        gdn_total, gdn_active = (configs[name.replace("mom_e4k2_shared", arch)] for arch in ("gdn_total", "gdn_active"))
+        assert (gdn_total.model.arch, gdn_active.model.arch) == ("gated_deltanet", "gated_deltanet")
+        # Gated DeltaNet with MoM's whole state, and with the state a MoM token reads and writes
+        assert state_bytes(gdn_total.model, cfg.training.seq_len)["total"] == mom["total"]
+        assert state_bytes(gdn_active.model, cfg.training.seq_len)["total"] == mom["active"] < mom["total"]
