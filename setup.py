@@ -27,14 +27,14 @@ setup(
         "hub": ["datasets"],
         "wandb": ["wandb"],
         # Hugging Face export / import (transformers only to load the result; fla for its model classes)
-        "hf": ["safetensors", "tokenizers", "transformers"],
+        "hf": ["safetensors", "tokenizers", "transformers", "protobuf"],
         "fla": ["flash-linear-attention>=0.6.0"],
         # mom-train lm-eval; accelerate for lm-eval's own `hf` model on an export
         "eval": ["lm-eval", "accelerate"],
         "full": ["triton", "pyarrow", "deepspeed", "matplotlib", "datasets", "wandb", "safetensors", "tokenizers",
-                 "transformers", "lm-eval"],
+                 "transformers", "protobuf", "lm-eval"],
         "test": ["pytest", "pytest-timeout", "pyarrow", "matplotlib", "deepspeed", "safetensors", "tokenizers",
-                 "transformers", "flash-linear-attention==0.6.0", "lm-eval", "accelerate"],
+                 "transformers", "protobuf", "flash-linear-attention==0.6.0", "lm-eval", "accelerate"],
     },
     entry_points={"console_scripts": ["mom-train=mom_train.cli:main"]},
 )

@@ -27,7 +27,13 @@ SPACE = "\u2581"
 
 
 def _load_proto(sp_path: Path):
-    from sentencepiece import sentencepiece_model_pb2
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as exc:  # the generated module imports google.protobuf
+        raise ConfigError(
+            f"reading the sentencepiece model {sp_path} for the Hugging Face tokenizer needs protobuf ({exc}); "
+            "install it with `pip install protobuf` or `pip install -e '.[hf]'`"
+        ) from exc
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(sp_path).read_bytes())
