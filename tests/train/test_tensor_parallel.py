@@ -1,5 +1,5 @@
 """Training with tensor parallelism (parallel.tp) on CPU / gloo: tp ranks train like one process, compose with
-data and context parallelism and ZeRO stage 1, and a run saved at tp=2 resumes at tp=1.
+data and context parallelism and ZeRO stage 1, and a run saved at tp=2 resumes at tp=1 and at tp=4.
 
 Every step's loss, aux loss, gradient norm and router load must equal the one-process run's (relative 1e-5),
 and the final weights (gathered into the checkpoint) must too.
@@ -79,6 +79,16 @@ def test_saved_at_two_tensor_parallel_ranks_resumes_in_one_process(tmp_path, ref
     assert latest_checkpoint(tmp_path / "moved" / "quickstart").name == "step_0000003"
     train_mod.train(mqar_config(tmp_path / "moved", *TP))
     assert_same_training(tmp_path / "moved", reference_runs(1, TP))
+
+
+def test_saved_at_two_tensor_parallel_ranks_resumes_at_four(tmp_path, reference_runs):
+    # 4 heads of 16 so that 4 ranks split them; weights and AdamW moments are resharded from the whole
+    # checkpoint onto the finer split
+    heads = [*TP, "model.num_heads=4"]
+    train_ranks(tmp_path / "moved", 2, [*heads, "parallel.tp=2"], preempt_after=6)
+    assert latest_checkpoint(tmp_path / "moved" / "quickstart").name == "step_0000003"
+    train_ranks(tmp_path / "moved", 4, [*heads, "parallel.tp=4"])
+    assert_same_training(tmp_path / "moved", reference_runs(1, heads))
 
 
 @pytest.mark.parametrize("overrides, match", [
