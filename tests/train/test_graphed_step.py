@@ -215,10 +215,11 @@ def _dp_worker(rank: int, world: int, port: int, run_dir: str, out: str, zero_st
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_graphed_two_ranks_gloo_equal_one_rank(tmp_path, zero_stage):
     """Flat-buffer all-reduce: 2 ranks x 2 micro-batches of 2 sequences = 1 rank x 2 micro-batches of 4; with
-    ZeRO stage 1 each rank updates its shard of the flat-buffer gradients' parameters."""
+    ZeRO stage 1 (all-reduce) or 2 (reduce-scatter) each rank updates its shard of the flat-buffer gradients'
+    parameters."""
     out = str(tmp_path / "two.pt")
     mp.spawn(_dp_worker, args=(2, free_port(), str(tmp_path), out, zero_stage), nprocs=2, join=True)
     two = torch.load(out)
@@ -228,3 +229,52 @@ def test_graphed_two_ranks_gloo_equal_one_rank(tmp_path, zero_stage):
         assert abs(a - b) <= 1e-4 * abs(b)
     for name in params:
         assert rel_err(two["params"][name], params[name]) < 1e-5, name
+
+
+def zero_on_one_rank(monkeypatch, backend: str, port: int, stage: int = 2) -> ParallelDims:
+    """A one-rank process group whose engine shards over it anyway: ZeroAdamW (normally used only with several
+    dp x cp ranks) with its reduce-scatter / all-reduce and all-gather, so that one device runs the whole
+    ZeRO step. Returns the dims to build the engine with; the caller destroys the group."""
+    import torch.distributed as dist
+
+    import mom_train.engine as engine_mod
+    from mom_train.parallel.zero import ZeroAdamW
+
+    dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    dims = ParallelDims(device=device, world_group=dist.group.WORLD, cpu_group=dist.new_group(backend="gloo"),
+                        grad_group=dist.group.WORLD)
+
+    def build_zero(groups, t, dims, zero_stage, gradients):
+        decayed = {id(p) for p in groups[0]["params"]}
+        return ZeroAdamW(gradients.flat, decayed, dims, stage, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                         weight_decay=groups[0]["weight_decay"])
+
+    monkeypatch.setattr(engine_mod, "build_optimizer", build_zero)
+    return dims
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_engine_on_one_rank_equals_plain_adamw(tmp_path, monkeypatch, stage):
+    """ZeroAdamW through the flat-buffer engine (eager here; captured in test_graphed_step_gpu.py) on a one-rank
+    group trains like fused AdamW: the same losses, norms and weights over 3 clipped steps."""
+    import torch.distributed as dist
+
+    common = ("training.global_batch_size=8", "training.micro_batch_size=4", "training.grad_clip=0.05",
+              "training.cuda_graphs=true")
+    cfg = mqar_config(tmp_path, *common)
+    steps = _global_batches(cfg, 3, split=9)
+    params_ref, losses_ref, norms_ref, _ = _run_steps(cfg, steps)
+    dims = zero_on_one_rank(monkeypatch, "gloo", free_port(), stage)
+    try:
+        params, losses, norms, engine = _run_steps(cfg, steps, ctx=dims)
+    finally:
+        dist.destroy_process_group()
+    assert type(engine.optimizer).__name__ == "ZeroAdamW" and engine.optimizer.stage == stage
+    for a, b in zip(losses, losses_ref):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    for a, b in zip(norms, norms_ref):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    assert min(norms_ref) > 0.05
+    for name in params_ref:
+        assert rel_err(params[name], params_ref[name]) < 1e-5, name

@@ -1,4 +1,5 @@
-"""training.cuda_graphs on the GPU: captured replays equal eager steps, several buckets, no host sync."""
+"""training.cuda_graphs on the GPU: captured replays equal eager steps, several buckets, no host sync; ZeRO
+stage 2's collectives between replays."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from mom_train.train import train
 from tests.train.conftest import mqar_config, read_losses
-from tests.train.test_graphed_step import _global_batches, _run_steps, rel_err
+from tests.ranks import free_port
+from tests.train.test_graphed_step import _global_batches, _run_steps, rel_err, zero_on_one_rank
 
 pytestmark = pytest.mark.gpu
 
@@ -65,3 +67,28 @@ def test_train_with_cuda_graphs_matches_eager(tmp_path):
     assert sorted(graphed) == sorted(eager) == list(range(1, 7))
     for step in eager:
         assert abs(graphed[step] - eager[step]) <= 2e-3 * abs(eager[step]), (graphed, eager)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_between_replays_on_one_gpu(tmp_path, monkeypatch, stage):
+    """ZeRO stages 1-2 of our engine with captured steps on one GPU (a one-rank NCCL group, ZeroAdamW forced):
+    the gradient collective, the sharded fused AdamW and the all-gather run between replays into the captured
+    graphs' static parameter and gradient buffers, and train like plain fused AdamW with graphs (fp32)."""
+    import torch.distributed as dist
+
+    common = (*GPU_MODEL, "training.precision=fp32", "training.cuda_graphs=true")
+    cfg = mqar_config(tmp_path, *common)
+    steps = _global_batches(cfg, 4, split=9)
+    params_ref, losses_ref, norms_ref, _ = _run_steps(cfg, steps)
+    dims = zero_on_one_rank(monkeypatch, "nccl", free_port(), stage)
+    try:
+        params, losses, norms, engine = _run_steps(cfg, steps, ctx=dims)
+    finally:
+        dist.destroy_process_group()
+    assert type(engine.optimizer).__name__ == "ZeroAdamW" and engine.graphed.num_graphs >= 2
+    for a, b in zip(losses, losses_ref):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, losses_ref)
+    for a, b in zip(norms, norms_ref):
+        assert abs(a - b) <= 1e-4 * abs(b), (norms, norms_ref)
+    for name in params_ref:
+        assert rel_err(params[name], params_ref[name]) < 1e-4, name
