@@ -158,23 +158,32 @@ def _run_engine_steps(cfg, steps: list[list], dims: ParallelDims):
     return engine.state_dict()["model"], losses, norms
 
 
+def assert_same_steps(got: tuple, ref: tuple, param_tol: float = 1e-5) -> None:
+    """got / ref: (parameters, losses, grad norms) of `_run_steps`; losses to 1e-5, norms to 1e-4, every
+    parameter to param_tol (relative)."""
+    params, losses, norms = got[:3]
+    params_ref, losses_ref, norms_ref = ref[:3]
+    for a, b in zip(losses, losses_ref, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, losses_ref)
+    for a, b in zip(norms, norms_ref, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b), (norms, norms_ref)
+    for name in params_ref:
+        assert rel_err(params[name], params_ref[name]) < param_tol, (name, rel_err(params[name], params_ref[name]))
+
+
 def test_graphed_engine_matches_eager(tmp_path):
     common = ("training.global_batch_size=8", "training.micro_batch_size=4", "training.grad_clip=0.05")
     cfg = mqar_config(tmp_path, *common, "training.cuda_graphs=true")
     eager_cfg = mqar_config(tmp_path, *common)
     steps = _global_batches(cfg, 3, split=9)
-    params_g, losses_g, norms_g, engine = _run_steps(cfg, steps)
-    params_e, losses_e, norms_e, _ = _run_steps(eager_cfg, steps)
+    graphed = _run_steps(cfg, steps)
+    eager = _run_steps(eager_cfg, steps)
+    engine = graphed[3]
     assert engine.graphed is not None and len(engine.graphed.entries) >= 2, "expected several segment buckets"
     assert engine.gradients.flat.attached() and not engine.gradients.flat.buffer.any()
-    for a, b in zip(losses_g, losses_e):
-        assert abs(a - b) <= 1e-5 * abs(b)
-    for a, b in zip(norms_g, norms_e):
-        assert abs(a - b) <= 1e-4 * abs(b)
     # the clip is active (the norm is far above 0.05), so the update depends on it
-    assert min(norms_e) > 0.05
-    for name in params_e:
-        assert rel_err(params_g[name], params_e[name]) < 1e-5, name
+    assert min(eager[2]) > 0.05
+    assert_same_steps(graphed, eager)
 
 
 def test_cuda_graphs_config_errors(tmp_path):
@@ -264,17 +273,12 @@ def test_zero_engine_on_one_rank_equals_plain_adamw(tmp_path, monkeypatch, stage
               "training.cuda_graphs=true")
     cfg = mqar_config(tmp_path, *common)
     steps = _global_batches(cfg, 3, split=9)
-    params_ref, losses_ref, norms_ref, _ = _run_steps(cfg, steps)
+    ref = _run_steps(cfg, steps)
     dims = zero_on_one_rank(monkeypatch, "gloo", free_port(), stage)
     try:
-        params, losses, norms, engine = _run_steps(cfg, steps, ctx=dims)
+        got = _run_steps(cfg, steps, ctx=dims)
     finally:
         dist.destroy_process_group()
-    assert type(engine.optimizer).__name__ == "ZeroAdamW" and engine.optimizer.stage == stage
-    for a, b in zip(losses, losses_ref):
-        assert abs(a - b) <= 1e-5 * abs(b)
-    for a, b in zip(norms, norms_ref):
-        assert abs(a - b) <= 1e-4 * abs(b)
-    assert min(norms_ref) > 0.05
-    for name in params_ref:
-        assert rel_err(params[name], params_ref[name]) < 1e-5, name
+    assert type(got[3].optimizer).__name__ == "ZeroAdamW" and got[3].optimizer.stage == stage
+    assert min(ref[2]) > 0.05
+    assert_same_steps(got, ref)
