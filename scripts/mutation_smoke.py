@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "runs", "*.egg-info", ".gpu-wheels",
+IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "runs", ".scratch", "*.egg-info", ".gpu-wheels",
                                 ".whl")
 
 
@@ -67,7 +67,7 @@ MUTANTS = [
            ("tests/train/test_metrics_eval.py",)),
     Mutant("recompute-hooks-under-no-grad", "mom_train/model/recompute.py",
            "if not torch.is_grad_enabled():", "if False:", ("tests/model/test_recompute.py",)),
-    Mutant("mlp-rounded-to-128", "mom_train/model/mlp.py",
+    Mutant("mlp-rounded-to-128", "mom_train/config.py",
            "return 256 * math.ceil(size / 256)", "return 128 * math.ceil(size / 128)",
            ("tests/model/test_mom.py", "-k", "parameter_count")),
     Mutant("sampling-ignores-top-k", "mom_train/model/lm.py", "if top_k > 0:", "if False:", GENERATE),
