@@ -172,6 +172,22 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler, rescue: 
     last_log, last_log_tokens, paused = time.perf_counter(), tokens, 0.0
     stats: dict = {}
 
+    def stop_if_nonfinite(at_step: int, flag: torch.Tensor, state_before: tuple) -> None:
+        """training.nan_policy=stop: if step `at_step` was non-finite (flag: device scalar), save the state
+        before it and raise. The skipped update left parameters and moments at the state after at_step - 1."""
+        if not flag.item():
+            return
+        save(at_step - 1, *state_before)
+        logger.close()
+        loader.close()
+        raise NonFiniteError(f"non-finite loss or gradient norm at step {at_step} (training.nan_policy=stop); "
+                             f"saved the last good state as checkpoint step {at_step - 1} in {run_dir}. "
+                             "Lower training.lr or raise warmup, check the data, or resume with "
+                             "training.nan_policy=skip to skip such steps")
+
+    # nan_policy=stop: (step, non-finite flag, state before it) of a step whose flag has not been read. Reading
+    # it at once would wait for the whole step on the device; it is read during the next step instead
+    unchecked: tuple | None = None
     model.train()
     while step < t.steps:
         # the state before this step, kept to save "the last good state" if this step fails or is non-finite
@@ -199,6 +215,11 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler, rescue: 
             if out.router_load is not None:
                 load = out.router_load.float() / grad_accum
                 step_load = load if step_load is None else step_load + load
+        if unchecked is not None:
+            # the previous step's flag, read while this step's forward and backward run on the device (no
+            # stall); the previous update was skipped if it is set, and this one has not run yet
+            stop_if_nonfinite(*unchecked)
+            unchecked = None
         grad_norm, nonfinite = engine.step(step_loss)
         window.add(step_loss, global_valid, step_aux, step_load, grad_norm, nonfinite)
         step += 1
@@ -206,18 +227,16 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler, rescue: 
         logger.advance(step)
         rescue.mark(step, lambda: (loader.state_dict(), rng_state()))
 
-        if t.nan_policy == "stop" and nonfinite.item():
-            # parameters and optimizer moments were left untouched: they are the state after step - 1
-            save(step - 1, *before)
-            logger.close()
-            loader.close()
-            raise NonFiniteError(f"non-finite loss or gradient norm at step {step} (training.nan_policy=stop); "
-                                 f"saved the last good state as checkpoint step {step - 1} in {run_dir}. "
-                                 "Lower training.lr or raise warmup, check the data, or resume with "
-                                 "training.nan_policy=skip to skip such steps")
+        if t.nan_policy == "stop":
+            unchecked = (step, nonfinite, before)
         stopping = bool(dims.max_int(int(preempt.requested)))
         interval = cfg.checkpoint.interval
         saving = (interval > 0 and step % interval == 0) or step == t.steps or stopping
+        do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == t.steps)
+        if unchecked is not None and (saving or do_eval or step % cfg.logging.interval == 0):
+            # the step's state is read (logged, saved or evaluated) now: its flag first
+            stop_if_nonfinite(*unchecked)
+            unchecked = None
 
         # a checkpoint step is always logged, so the saved counters are exact
         if step % cfg.logging.interval == 0 or saving:
@@ -240,7 +259,6 @@ def _train(cfg: Config, dims: ParallelDims, preempt: PreemptionHandler, rescue: 
         if saving:
             save(step, loader.state_dict(), rng_state())
             logger.pause("checkpoint", time.perf_counter() - pause_start)
-        do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == t.steps)
         if do_eval and not stopping:
             eval_start = time.perf_counter()
             with engine.evaluation():

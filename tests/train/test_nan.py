@@ -56,12 +56,16 @@ def test_nan_skip(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in model[NAN_STEP + 1].values())
 
 
-def test_nan_stop(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_interval", [1, 4], ids=["read-at-once", "read-during-next-step"])
+def test_nan_stop(tmp_path, monkeypatch, log_interval):
+    """The step's flag is read at once where the step is logged, and otherwise during the next step's forward
+    and backward (before its update): either way the state before the NaN step is saved."""
     # the same run without the NaN, checkpointing every step
     train_mod.train(mqar_config(tmp_path / "ref", "checkpoint.interval=1", "checkpoint.keep=10"))
     _nan_at_step(monkeypatch, NAN_STEP)
     with pytest.raises(train_mod.NonFiniteError, match=f"step {NAN_STEP} .*nan_policy=stop"):
-        train_mod.train(mqar_config(tmp_path / "run", "training.nan_policy=stop"))
+        train_mod.train(mqar_config(tmp_path / "run", "training.nan_policy=stop",
+                                    f"logging.interval={log_interval}"))
     saved = latest_checkpoint(tmp_path / "run" / "quickstart")
     assert saved.name == f"step_{NAN_STEP - 1:07d}"
     assert load_main(saved, "train_state")["step"] == NAN_STEP - 1
