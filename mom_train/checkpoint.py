@@ -146,16 +146,7 @@ def save_checkpoint(run_dir: Path, step: int, main_state: dict[str, Any], rank_s
             raise error
         raise RuntimeError(f"checkpoint step {step} failed on another rank; nothing was committed")
     if dims.is_main:
-        _fsync_dir(tmp)
-        if final.exists():
-            # the same step saved by an earlier attempt of this run: the new one supersedes it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        pointer = run_dir / LATEST
-        _write_text(pointer.with_name(LATEST + ".tmp"), f"{CHECKPOINT_DIR}/{final.name}\n")
-        os.replace(pointer.with_name(LATEST + ".tmp"), pointer)
-        _fsync_dir(run_dir)
+        _commit(tmp, final, run_dir)
         _prune(root, keep, final)
     dims.barrier()
     return final
@@ -175,16 +166,23 @@ def save_weights_only(run_dir: Path, model_state: dict[str, torch.Tensor], cfg: 
     _write(tmp / "train_state.pt", {"step": 0, "tokens": 0, "skipped_steps": 0, WEIGHTS_ONLY: True,
                                     "source": source})
     _write_text(tmp / "config.yaml", to_yaml(cfg))
+    _commit(tmp, final, run_dir)
+    return final
+
+
+def _commit(tmp: Path, final: Path, run_dir: Path) -> None:
+    """Publish a fully written checkpoint directory: durable `tmp` renamed to `final`, then the `latest`
+    pointer replaced atomically to name it (each step fsynced, so a crash leaves the old or the new state)."""
     _fsync_dir(tmp)
     if final.exists():
+        # the same step saved by an earlier attempt of this run: the new one supersedes it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync_dir(final.parent)
     pointer = run_dir / LATEST
     _write_text(pointer.with_name(LATEST + ".tmp"), f"{CHECKPOINT_DIR}/{final.name}\n")
     os.replace(pointer.with_name(LATEST + ".tmp"), pointer)
     _fsync_dir(run_dir)
-    return final
 
 
 def is_weights_only(path: Path) -> bool:

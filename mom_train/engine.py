@@ -97,10 +97,7 @@ class Engine:
         return contextlib.nullcontext()
 
     def set_lr(self, step: int) -> float:
-        lr = self.schedule(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
+        return self.schedule.apply(self.optimizer, step)
 
     def step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduce, clip and update. loss_sum: this rank's summed loss of the step (fp32 scalar, device).
@@ -224,10 +221,7 @@ class DeepSpeedEngine:
         return MicroBatchOutputs(loss_sum.detach(), aux_loss.detach(), load.detach() if load is not None else None)
 
     def set_lr(self, step: int) -> float:
-        lr = self.schedule(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
+        return self.schedule.apply(self.optimizer, step)
 
     def step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The accumulation boundary: tp-partial gradients summed over tp, then DeepSpeed's reduce, clip and

@@ -54,6 +54,13 @@ class WarmupCosine:
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.lr * (self.min_ratio + (1.0 - self.min_ratio) * cosine)
 
+    def apply(self, optimizer, step: int) -> float:
+        """Set every param group of `optimizer` (anything with `param_groups`) to lr(step); returns it."""
+        lr = self(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def state_dict(self) -> dict:
         return {"lr": self.lr, "warmup": self.warmup, "total": self.total, "min_ratio": self.min_ratio}
 

@@ -129,8 +129,8 @@ class CausalLM(nn.Module):
         convention, shifted here); cache: continue from an earlier call (it is updated in place);
         use_cache: return the cache holding the state after these tokens.
 
-        context: the inputs are this rank's part of a packed sequence split over a context-parallel group, as
-        `mom_train.parallel.context.shard_batch` returns them; labels are then its already-shifted targets.
+        context: the inputs are this rank's contiguous part of a packed sequence split over a context-parallel
+        group (the caller splits it); labels are then that part's already-shifted targets.
         Recurrent states and conv halos cross the ranks; loss_sum and num_valid count this rank's rows."""
         self._check_inputs(input_ids, cu_seqlens, labels)
         if use_cache and cache is None:

@@ -47,8 +47,8 @@ class TopKRouting(nn.Module):
     """Router logits [L, E] -> Routing (no parameters: the router's linear map lives beside it).
 
     context: an object with `token_totals` (a context-parallel group's, `mom_train.kernels.cp`) when L is this
-    rank's share of a sequence split over ranks. Tensor parallelism replaces this module with one that routes
-    each rank's token shard (`mom_train.parallel.tensor`)."""
+    rank's share of a sequence split over ranks. A parallelizing wrapper may replace this module (e.g. to route
+    each rank's token shard under tensor parallelism); the model itself holds no process group."""
 
     def __init__(self, topk: int):
         super().__init__()
