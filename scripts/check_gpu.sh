@@ -10,6 +10,8 @@
 # 3. the training-step benchmark of our MoM-340M and Gated DeltaNet-340M with CUDA graphs (fixed-length and
 #    packed documents; add fla with CHECK_FLA=1, whose first autotuning takes minutes per shape).
 # Each part runs even when an earlier one fails; the exit code is the number of parts that failed.
+# Needs the test extras (mistral-common for the text configs' tokenizer, fla for the export check); on a machine
+# without them, install wheels brought along first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/check_gpu}
@@ -19,8 +21,9 @@ failed=0
 workers=()
 python -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-8}")
 echo "== gpu tests"
-MOM_SWEEP_TABLE="$out/head_dim_sweep.md" python -m pytest -q -m gpu "${workers[@]}" tests 2>&1 \
-  | tee "$out/gpu_tests.log" | tail -25
+# one line per test (-v) so that a run cut short still names every result; failures summarised at the end
+MOM_SWEEP_TABLE="$out/head_dim_sweep.md" python -m pytest -v -rfE --tb=short -m gpu "${workers[@]}" tests 2>&1 \
+  | tee "$out/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 
 echo "== quickstart"

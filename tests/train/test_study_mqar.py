@@ -121,3 +121,23 @@ def test_gpu_grid(study):
         # Gated DeltaNet with MoM's whole state, and with the state a MoM token reads and writes
         assert state_bytes(gdn_total.model, cfg.training.seq_len)["total"] == mom["total"]
         assert state_bytes(gdn_active.model, cfg.training.seq_len)["total"] == mom["active"] < mom["total"]
+
+
+@pytest.mark.parametrize("name", ["mqar_h200.yaml", "mqar_h200_hard.yaml"])
+def test_one_gpu_grids(study, name):
+    """The grids run on one H200 (README): 3 seeds, sequences just long enough (1 + 4n, to a multiple of 4),
+    Gated DeltaNet's state matched to MoM's whole and active state, CUDA graphs on."""
+    grid = study.load_grid(study.STUDIES / name)
+    assert len(grid.seeds) >= 3
+    configs = {c.name: study.cell_config(grid, c, Path("runs")) for c in study.grid_cells(grid)
+               if c.seed == grid.seeds[0]}
+    assert {cfg.model.arch for cfg in configs.values()} == {"mom", "gated_deltanet", "transformer"}
+    for name_, cfg in configs.items():
+        n = cfg.data.mqar.num_pairs
+        assert cfg.data.mqar.num_queries == n and cfg.training.seq_len == -(-(1 + 4 * n) // 4) * 4, name_
+        assert cfg.training.cuda_graphs and cfg.eval.interval and cfg.training.steps % cfg.eval.interval == 0
+        if name_.startswith("mom_e4k2_shared-"):
+            mom = state_bytes(cfg.model, cfg.training.seq_len)
+            total, active = (configs[name_.replace("mom_e4k2_shared", arch)] for arch in ("gdn_total", "gdn_active"))
+            assert state_bytes(total.model, cfg.training.seq_len)["total"] == mom["total"]
+            assert state_bytes(active.model, cfg.training.seq_len)["total"] == mom["active"] < mom["total"]
