@@ -4,6 +4,7 @@
     python scripts/study_mqar.py --preset cpu-smoke --out /tmp/smoke             # configs/studies/mqar_cpu_smoke.yaml
     python scripts/study_mqar.py --grid configs/studies/mqar.yaml --list         # cells, parameters, state sizes
     CUDA_VISIBLE_DEVICES=3 python scripts/study_mqar.py --grid ... --shard 3/8   # every 8th cell from the 4th
+    python scripts/study_mqar.py --grid configs/studies/mqar_h200.yaml --procs 15  # 15 processes share a GPU
     python scripts/study_mqar.py --grid configs/studies/mqar.yaml --report       # finished cells (after shards)
 
 A grid file names a base config, overrides every cell shares, named axes (each value a list of overrides)
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -323,6 +325,47 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def run_processes(argv: list[str], shard: tuple[int, int], procs: int, out: Path) -> int:
+    """Train this shard's cells in `procs` processes of this script at once (small models leave a GPU mostly
+    idle; several processes fill it): process j takes sub-shard K*procs + j of N*procs, logging to
+    <out>/logs/shard_<i>.log. Returns how many processes failed; Ctrl-C stops them all."""
+    index, count = shard
+    script = Path(__file__).resolve()
+    # drop --procs N / --procs=N and any --shard; each child gets its own shard
+    base, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--procs", "--shard"):
+            skip = True
+        elif not arg.startswith(("--procs=", "--shard=")):
+            base.append(arg)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    children = []
+    try:
+        for j in range(procs):
+            sub = index * procs + j
+            log = open(logs / f"shard_{sub}.log", "w")
+            children.append((sub, log, subprocess.Popen([sys.executable, str(script), *base, "--shard",
+                                                         f"{sub}/{count * procs}"], stdout=log,
+                                                        stderr=subprocess.STDOUT)))
+        print(f"{procs} processes training shards {index * procs}-{index * procs + procs - 1} of {count * procs}; "
+              f"logs in {logs}", flush=True)
+        failed = 0
+        for sub, log, child in children:
+            if child.wait() != 0:
+                failed += 1
+                print(f"shard {sub} exited with {child.returncode}: see {logs / f'shard_{sub}.log'}", flush=True)
+        return failed
+    finally:
+        for _, log, child in children:
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+            log.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -331,9 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default runs/study_<grid name>)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
                         help="train only cells K, K+N, K+2N, ... (one process per GPU), then --report")
+    parser.add_argument("--procs", type=int, default=1, metavar="P",
+                        help="train in P processes at once (one device shared), then report")
     parser.add_argument("--list", action="store_true", help="print the cells and their sizes, train nothing")
     parser.add_argument("--report", action="store_true", help="write results and plots of finished cells only")
     args = parser.parse_args(argv)
+    if args.procs < 1:
+        parser.error(f"--procs must be at least 1, got {args.procs}")
 
     path = args.grid or STUDIES / f"mqar_{args.preset.replace('-', '_')}.yaml"
     try:
@@ -344,7 +391,15 @@ def main(argv: list[str] | None = None) -> int:
             describe(grid, cells, out)
             return 0
         configs = [cell_config(grid, cell, out) for cell in cells]
-        if not args.report:
+        if args.procs > 1 and not args.report:
+            failed = run_processes(sys.argv[1:] if argv is None else argv, args.shard, args.procs, out)
+            if failed:
+                print(f"{failed} of {args.procs} processes failed; rerun the same command to resume", flush=True)
+                return 1
+            if args.shard[1] > 1:
+                print(f"shard {args.shard[0]}/{args.shard[1]} finished; run with --report once every shard has")
+                return 0
+        elif not args.report:
             index, count = args.shard
             for cell, cfg in list(zip(cells, configs))[index::count]:
                 if not run_cell(cfg, cell):

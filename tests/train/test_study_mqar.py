@@ -141,3 +141,16 @@ def test_one_gpu_grids(study, name):
             total, active = (configs[name_.replace("mom_e4k2_shared", arch)] for arch in ("gdn_total", "gdn_active"))
             assert state_bytes(total.model, cfg.training.seq_len)["total"] == mom["total"]
             assert state_bytes(active.model, cfg.training.seq_len)["total"] == mom["active"] < mom["total"]
+
+
+def test_procs_train_the_cells_in_parallel_processes(tmp_path, study):
+    """--procs 2: two processes of the script take a cell each (sub-shards 0/2 and 1/2, one log each), then the
+    parent writes the report of both."""
+    out = tmp_path / "study"
+    assert study.main(["--preset", "cpu-smoke", "--out", str(out), "--procs", "2"]) == 0
+    assert [r["cell"] for r in read_rows(out / "results.csv")] == ["mom-s0", "gdn-s0"]
+    logs = [(out / "logs" / f"shard_{j}.log").read_text() for j in range(2)]
+    assert "mom-s0" in logs[0] and "gdn-s0" not in logs[0]
+    assert "gdn-s0" in logs[1] and "mom-s0" not in logs[1]
+    with pytest.raises(SystemExit):
+        study.main(["--preset", "cpu-smoke", "--procs", "0"])
