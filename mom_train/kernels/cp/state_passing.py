@@ -211,9 +211,32 @@ def context_parallel_gated_delta_rule(
         h0 = torch.zeros(num_segments, H, K, V, device=q.device, dtype=torch.float32)
         h0 = h0.index_copy(0, first_segments, state_in)
         return gated_delta_rule(q, k, v, g, beta, initial_state=h0, **kwargs)[0]
+    o_zero, summary, readout = handing_on_passes(q, k, v, g, beta, first_segments, last_segments, receives,
+                                                 passes_through, **kwargs)
+    # chains whose last document ends on this rank hand on nothing
+    summary = summary * _chain_mask(continues_out, C, q.device)[:, None, None, None].float()
+    state_in = compose_prefix(_GatherSummaries.apply(summary, group), rank, K)
+    if not receives:
+        # nothing enters the first rank, but its output must depend on the gather so that its backward (an
+        # all-reduce every rank joins) runs here too
+        return o_zero + (state_in.sum() * 0.0).to(o_zero.dtype)
+    return (o_zero.float() + incoming_share(readout, state_in, cu_seqlens, first_segments)).to(o_zero.dtype)
+
+
+def handing_on_passes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                      first_segments: torch.Tensor, last_segments: torch.Tensor, receives: bool,
+                      passes_through: bool, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The delta-rule work of a rank that hands states on (shapes as in `context_parallel_gated_delta_rule`;
+    kwargs: cu_seqlens, scale, use_qk_l2norm_in_kernel, backend of `gated_delta_rule`): the pass from zero
+    states, and where the rank receives states, the pass from the identity. Returns o_zero [1, L, H, V] (the
+    output before the incoming states' share), the summary [C, H, K, K+V] (M, S_0) each chain hands on (M zero
+    where it is not kept) and readout [1, L, H, K] (None where nothing is received)."""
+    C, H, K = first_segments.shape[0], q.shape[2], q.shape[3]
+    num_segments = kwargs["cu_seqlens"].shape[0] - 1
     # the rows from zero states: the output before the incoming states' share, and S_0 of every segment
     o_zero, s_all = gated_delta_rule(q, k, v, g, beta, output_final_state=True, **kwargs)
     m_last = torch.zeros(C, H, K, K, device=q.device, dtype=torch.float32)
+    readout = None
     if receives:
         # the identity pushed through every chain's first segment with zero values: its outputs are
         # scale * P_t^T q_t, how row t reads the state that entered its chain (so the incoming state's share of
@@ -226,15 +249,7 @@ def context_parallel_gated_delta_rule(
                                           output_final_state=passes_through, **kwargs)
         if passes_through:
             m_last = m_all[last_segments]
-    summary = torch.cat([m_last, s_all[last_segments]], dim=-1)
-    # chains whose last document ends on this rank hand on nothing
-    summary = summary * _chain_mask(continues_out, C, q.device)[:, None, None, None].float()
-    state_in = compose_prefix(_GatherSummaries.apply(summary, group), rank, K)
-    if not receives:
-        # nothing enters the first rank, but its output must depend on the gather so that its backward (an
-        # all-reduce every rank joins) runs here too
-        return o_zero + (state_in.sum() * 0.0).to(o_zero.dtype)
-    return (o_zero.float() + incoming_share(readout, state_in, cu_seqlens, first_segments)).to(o_zero.dtype)
+    return o_zero, torch.cat([m_last, s_all[last_segments]], dim=-1), readout
 
 
 def incoming_share(readout: torch.Tensor, state_in: torch.Tensor, cu_seqlens: torch.Tensor,
