@@ -3,23 +3,16 @@ the identity (`handing_on_passes`) plus the incoming state's share stand for one
 enters, and the summary (M, S_0) carries that state to the rank's end; scripts/bench_cp_rank.py times this."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
 from mom_train.kernels.cp.state_passing import handing_on_passes, incoming_share
 from mom_train.kernels.gated_delta_rule import gated_delta_rule
-from tests.train.conftest import ROOT
+from tests.scripts import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_cp_rank", ROOT / "scripts" / "bench_cp_rank.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_cp_rank")
 
 
 @pytest.mark.parametrize("tokens", [1, 63, 65, 130])

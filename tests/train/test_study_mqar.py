@@ -3,25 +3,18 @@ skipped on a rerun, unfinished ones trained again) and the GPU grid's cells (val
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from mom_train.eval import run_eval
 from mom_train.model import state_bytes
-from tests.train.conftest import ROOT
+from tests.scripts import load_script
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("study_mqar", ROOT / "scripts" / "study_mqar.py")
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up by name
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study_mqar")
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
