@@ -6,6 +6,9 @@ against eager execution by the gpu-marked tests.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -240,45 +243,44 @@ def test_graphed_two_ranks_gloo_equal_one_rank(tmp_path, zero_stage):
         assert rel_err(two["params"][name], params[name]) < 1e-5, name
 
 
-def zero_on_one_rank(monkeypatch, backend: str, port: int, stage: int = 2) -> ParallelDims:
+@contextlib.contextmanager
+def zero_on_one_rank(monkeypatch, backend: str, port: int, stage: int = 2) -> Iterator[ParallelDims]:
     """A one-rank process group whose engine shards over it anyway: ZeroAdamW (normally used only with several
     dp x cp ranks) with its reduce-scatter / all-reduce and all-gather, so that one device runs the whole
-    ZeRO step. Returns the dims to build the engine with; the caller destroys the group."""
+    ZeRO step. Yields the dims to build the engine with; the group is destroyed on leaving, whatever happened
+    (a live NCCL group would hang the test process at exit)."""
     import torch.distributed as dist
 
     import mom_train.engine as engine_mod
     from mom_train.parallel.zero import ZeroAdamW
-
-    dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    dims = ParallelDims(device=device, world_group=dist.group.WORLD, cpu_group=dist.new_group(backend="gloo"),
-                        grad_group=dist.group.WORLD)
 
     def build_zero(groups, t, dims, zero_stage, gradients):
         decayed = {id(p) for p in groups[0]["params"]}
         return ZeroAdamW(gradients.flat, decayed, dims, stage, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                          weight_decay=groups[0]["weight_decay"])
 
-    monkeypatch.setattr(engine_mod, "build_optimizer", build_zero)
-    return dims
+    dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        dims = ParallelDims(device=device, world_group=dist.group.WORLD, cpu_group=dist.new_group(backend="gloo"),
+                            grad_group=dist.group.WORLD)
+        monkeypatch.setattr(engine_mod, "build_optimizer", build_zero)
+        yield dims
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_engine_on_one_rank_equals_plain_adamw(tmp_path, monkeypatch, stage):
     """ZeroAdamW through the flat-buffer engine (eager here; captured in test_graphed_step_gpu.py) on a one-rank
     group trains like fused AdamW: the same losses, norms and weights over 3 clipped steps."""
-    import torch.distributed as dist
-
     common = ("training.global_batch_size=8", "training.micro_batch_size=4", "training.grad_clip=0.05",
               "training.cuda_graphs=true")
     cfg = mqar_config(tmp_path, *common)
     steps = _global_batches(cfg, 3, split=9)
     ref = _run_steps(cfg, steps)
-    dims = zero_on_one_rank(monkeypatch, "gloo", free_port(), stage)
-    try:
+    with zero_on_one_rank(monkeypatch, "gloo", free_port(), stage) as dims:
         got = _run_steps(cfg, steps, ctx=dims)
-    finally:
-        dist.destroy_process_group()
     assert type(got[3].optimizer).__name__ == "ZeroAdamW" and got[3].optimizer.stage == stage
     assert min(ref[2]) > 0.05
     assert_same_steps(got, ref)

@@ -74,17 +74,12 @@ def test_zero_between_replays_on_one_gpu(tmp_path, monkeypatch, stage):
     """ZeRO stages 1-2 of our engine with captured steps on one GPU (a one-rank NCCL group, ZeroAdamW forced):
     the gradient collective, the sharded fused AdamW and the all-gather run between replays into the captured
     graphs' static parameter and gradient buffers, and train like plain fused AdamW with graphs (fp32)."""
-    import torch.distributed as dist
-
     common = (*GPU_MODEL, "training.precision=fp32", "training.cuda_graphs=true")
     cfg = mqar_config(tmp_path, *common)
     steps = _global_batches(cfg, 4, split=9)
     ref = _run_steps(cfg, steps)
-    dims = zero_on_one_rank(monkeypatch, "nccl", free_port(), stage)
-    try:
+    with zero_on_one_rank(monkeypatch, "nccl", free_port(), stage) as dims:
         got = _run_steps(cfg, steps, ctx=dims)
-    finally:
-        dist.destroy_process_group()
     engine = got[3]
     assert type(engine.optimizer).__name__ == "ZeroAdamW" and engine.graphed.num_graphs >= 2
     assert_same_steps(got, ref, param_tol=1e-4)
