@@ -87,9 +87,8 @@ def check(x: dict, backend: str) -> float:
     """Relative error of the middle rank's output against one pass from the state that enters it."""
     with torch.no_grad():
         o, _ = middle_rank(x, backend)
-        h0 = x["state_in"].to(torch.float32)
-        ref = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=h0, cu_seqlens=x["cu"],
-                               backend=backend)[0].float()
+        ref = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["state_in"],
+                               cu_seqlens=x["cu"], backend=backend)[0].float()
     return ((o - ref).norm() / ref.norm()).item()
 
 

@@ -325,32 +325,21 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def run_processes(argv: list[str], shard: tuple[int, int], procs: int, out: Path) -> int:
+def run_processes(grid: Grid, out: Path, shard: tuple[int, int], procs: int) -> int:
     """Train this shard's cells in `procs` processes of this script at once (small models leave a GPU mostly
     idle; several processes fill it): process j takes sub-shard K*procs + j of N*procs, logging to
     <out>/logs/shard_<i>.log. Returns how many processes failed; Ctrl-C stops them all."""
     index, count = shard
-    script = Path(__file__).resolve()
-    # drop --procs N / --procs=N and any --shard; each child gets its own shard
-    base, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--procs", "--shard"):
-            skip = True
-        elif not arg.startswith(("--procs=", "--shard=")):
-            base.append(arg)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     children = []
     try:
-        for j in range(procs):
-            sub = index * procs + j
+        for sub in range(index * procs, (index + 1) * procs):
             log = open(logs / f"shard_{sub}.log", "w")
-            children.append((sub, log, subprocess.Popen([sys.executable, str(script), *base, "--shard",
-                                                         f"{sub}/{count * procs}"], stdout=log,
-                                                        stderr=subprocess.STDOUT)))
-        print(f"{procs} processes training shards {index * procs}-{index * procs + procs - 1} of {count * procs}; "
+            command = [sys.executable, str(Path(__file__).resolve()), "--grid", str(grid.path), "--out", str(out),
+                       "--shard", f"{sub}/{count * procs}"]
+            children.append((sub, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+        print(f"{procs} processes training shards {index * procs}-{(index + 1) * procs - 1} of {count * procs}; "
               f"logs in {logs}", flush=True)
         failed = 0
         for sub, log, child in children:
@@ -392,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         configs = [cell_config(grid, cell, out) for cell in cells]
         if args.procs > 1 and not args.report:
-            failed = run_processes(sys.argv[1:] if argv is None else argv, args.shard, args.procs, out)
+            failed = run_processes(grid, out, args.shard, args.procs)
             if failed:
                 print(f"{failed} of {args.procs} processes failed; rerun the same command to resume", flush=True)
                 return 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mom_train.kernels.cp.state_passing import handing_on_passes, incoming_share
 from mom_train.kernels.gated_delta_rule import gated_delta_rule
 from tests.scripts import load_script
 
@@ -20,9 +19,7 @@ def test_two_passes_stand_for_one_pass_from_the_incoming_state(tokens):
     bench = load_bench()
     x = bench.make_inputs(tokens, 2, 16, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        o_zero, summary, readout = handing_on_passes(x["q"], x["k"], x["v"], x["g"], x["beta"], x["segment"],
-                                                     x["segment"], True, True, cu_seqlens=x["cu"], backend="torch")
-        o = o_zero + incoming_share(readout, x["state_in"], x["cu"], x["segment"])
+        o, summary = bench.middle_rank(x, "torch")  # handing_on_passes, then the incoming state's share
         ref, final = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["state_in"],
                                       output_final_state=True, cu_seqlens=x["cu"], backend="torch")
     assert ((o - ref).norm() / ref.norm()).item() < 1e-5

@@ -13,10 +13,6 @@ from mom_train.model import state_bytes
 from tests.scripts import load_script
 
 
-def load_study():
-    return load_script("study_mqar")
-
-
 def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -24,7 +20,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def study():
-    return load_study()
+    return load_script("study_mqar")
 
 
 def test_cpu_smoke(tmp_path, study, monkeypatch):
@@ -90,6 +86,20 @@ def test_edited_grid_refuses_a_stale_run(tmp_path, study, monkeypatch):
         study.run_cell(study.cell_config(grid, cell, tmp_path), cell)
 
 
+def assert_gated_deltanet_states_match_mom(configs: dict) -> None:
+    """Per task, Gated DeltaNet with MoM's whole state (gdn_total) and with the state a MoM token reads and
+    writes (gdn_active) beside MoM with 4 memories, top-2 and the shared memory; configs by cell name."""
+    moms = [name for name in configs if name.startswith("mom_e4k2_shared-")]
+    assert moms
+    for name in moms:
+        cfg = configs[name]
+        mom = state_bytes(cfg.model, cfg.training.seq_len)
+        gdn_total, gdn_active = (configs[name.replace("mom_e4k2_shared", arch)] for arch in ("gdn_total", "gdn_active"))
+        assert (gdn_total.model.arch, gdn_active.model.arch) == ("gated_deltanet", "gated_deltanet")
+        assert state_bytes(gdn_total.model, cfg.training.seq_len)["total"] == mom["total"]
+        assert state_bytes(gdn_active.model, cfg.training.seq_len)["total"] == mom["active"] < mom["total"]
+
+
 def test_gpu_grid(study):
     grid = study.load_grid(study.STUDIES / "mqar.yaml")
     assert len(grid.seeds) >= 3
@@ -105,15 +115,7 @@ def test_gpu_grid(study):
         n = cfg.data.mqar.num_pairs
         assert cfg.data.mqar.num_queries == n
         assert cfg.training.seq_len == min(t for t in (256, 512, 1024) if t >= 1 + 4 * n)
-    for name, cfg in configs.items():
-        if not name.startswith("mom_e4k2_shared-"):
-            continue
-        mom = state_bytes(cfg.model, cfg.training.seq_len)
-        gdn_total, gdn_active = (configs[name.replace("mom_e4k2_shared", arch)] for arch in ("gdn_total", "gdn_active"))
-        assert (gdn_total.model.arch, gdn_active.model.arch) == ("gated_deltanet", "gated_deltanet")
-        # Gated DeltaNet with MoM's whole state, and with the state a MoM token reads and writes
-        assert state_bytes(gdn_total.model, cfg.training.seq_len)["total"] == mom["total"]
-        assert state_bytes(gdn_active.model, cfg.training.seq_len)["total"] == mom["active"] < mom["total"]
+    assert_gated_deltanet_states_match_mom(configs)
 
 
 @pytest.mark.parametrize("name", ["mqar_h200.yaml", "mqar_h200_hard.yaml"])
@@ -129,11 +131,7 @@ def test_one_gpu_grids(study, name):
         n = cfg.data.mqar.num_pairs
         assert cfg.data.mqar.num_queries == n and cfg.training.seq_len == -(-(1 + 4 * n) // 4) * 4, name_
         assert cfg.training.cuda_graphs and cfg.eval.interval and cfg.training.steps % cfg.eval.interval == 0
-        if name_.startswith("mom_e4k2_shared-"):
-            mom = state_bytes(cfg.model, cfg.training.seq_len)
-            total, active = (configs[name_.replace("mom_e4k2_shared", arch)] for arch in ("gdn_total", "gdn_active"))
-            assert state_bytes(total.model, cfg.training.seq_len)["total"] == mom["total"]
-            assert state_bytes(active.model, cfg.training.seq_len)["total"] == mom["active"] < mom["total"]
+    assert_gated_deltanet_states_match_mom(configs)
 
 
 def test_procs_train_the_cells_in_parallel_processes(tmp_path, study):
